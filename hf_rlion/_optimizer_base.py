@@ -1,0 +1,103 @@
+"""What RLion and RLion8bit share: argument checks, which parameters step, state loading."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+
+low_precision_dtypes = (torch.bfloat16, torch.float16)
+
+
+def _is_real_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_hyperparameters(group: dict) -> None:
+    """Raise ``ValueError`` naming the argument and its allowed range for any bad value."""
+    lr = group.get("lr")
+    if isinstance(lr, Tensor):
+        raise ValueError("lr must be a Python float (tensor learning rates are not supported)")
+    if not _is_real_number(lr) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    betas = group.get("betas")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for name, beta in zip(("beta1", "beta2"), betas):
+        if not _is_real_number(beta) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"betas: {name} must be in [0, 1), got {beta!r}")
+    wd = group.get("weight_decay")
+    if not _is_real_number(wd) or not math.isfinite(wd) or wd < 0:
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {wd!r}")
+    alpha = group.get("alpha")
+    if not _is_real_number(alpha) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    from .rlion import ALPHA_SCALINGS
+
+    if group.get("alpha_scaling") not in ALPHA_SCALINGS:
+        raise ValueError(f"alpha_scaling must be one of {list(ALPHA_SCALINGS)}, got {group.get('alpha_scaling')!r}")
+    for flag in ("bias_correction", "maximize"):
+        if not isinstance(group.get(flag), bool):
+            raise ValueError(f"{flag} must be True or False, got {group.get(flag)!r}")
+    for flag in ("foreach", "fused"):
+        if group.get(flag, None) not in (None, True, False):
+            raise ValueError(f"{flag} must be None, True or False, got {group.get(flag)!r}")
+    if group.get("foreach") and group.get("fused"):
+        raise ValueError("foreach and fused cannot both be True")
+
+
+class RLionBase(torch.optim.Optimizer):
+    """``torch.optim.Optimizer`` with RLion's argument checks and a dtype-preserving ``load_state_dict``."""
+
+    def __init__(self, params, defaults: dict):
+        validate_hyperparameters(defaults)
+        defaults["betas"] = tuple(defaults["betas"])
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+        validate_hyperparameters(group)
+        for p in group["params"]:
+            if p.is_complex():
+                raise ValueError(f"{type(self).__name__} does not support complex parameters (got {p.dtype})")
+            if not p.is_floating_point():
+                raise ValueError(f"{type(self).__name__} needs floating-point parameters, got {p.dtype}")
+
+    def _params_with_grad(self, group: dict) -> Iterator[Tensor]:
+        """The group's parameters that have a gradient; frozen ones (grad None) are skipped."""
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients; use dense gradients "
+                    "(for nn.Embedding, sparse=False)"
+                )
+            yield p
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load state as ``torch.optim.Optimizer`` does, but keep each state tensor's saved dtype.
+
+        torch casts every floating-point state tensor except ``step`` to its parameter's dtype;
+        that would round float32 momentum of a bf16 parameter to bf16 and turn 8-bit codes or
+        float32 absmax into the parameter's dtype.
+        """
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        # state_dict keys are the parameters' positions across groups (torch's packing order).
+        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        for pid, param in zip(saved_ids, params):
+            if pid not in saved_state or param not in self.state:
+                continue
+            state = self.state[param]
+            for key, saved in saved_state[pid].items():
+                if isinstance(saved, Tensor) and key in state and state[key].dtype != saved.dtype:
+                    state[key] = saved.to(device=param.device, copy=True)
+        for group in self.param_groups:
+            validate_hyperparameters(group)

@@ -1,0 +1,277 @@
+r"""RLion: Lion with the sign replaced by a scaled arctangent.
+
+This module holds the update rule. Everything else in the package (8-bit state,
+the transformers registration, the recipes) builds on :class:`RLion`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from ._optimizer_base import RLionBase, low_precision_dtypes
+
+__all__ = ["RLion", "rlion_update_", "ALPHA_SCALINGS"]
+
+ALPHA_SCALINGS = ("rms", "fixed")
+
+# The foreach path works on groups of tensors whose element count is bounded by
+# this (or by the largest single tensor), so the temporaries of one step never
+# grow with the model size.
+_FOREACH_CHUNK_NUMEL = 1 << 22
+
+_TWO_OVER_PI = 2.0 / math.pi
+
+
+def _effective_alpha(c: Tensor, alpha: float, alpha_scaling: str) -> float | Tensor:
+    """The α that multiplies ĉ_t: the constant α, or α / RMS(ĉ_t) for one tensor."""
+    if alpha_scaling == "fixed":
+        return alpha
+    rms = torch.linalg.vector_norm(c, dtype=torch.float32) / math.sqrt(max(c.numel(), 1))
+    return alpha / rms.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def rlion_update_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    step: int,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    alpha: float,
+    alpha_scaling: str,
+    bias_correction: bool,
+    maximize: bool,
+) -> None:
+    """One RLion step on one tensor, in place: the plain reference every fast path is tested against.
+
+    ``exp_avg`` is float32 (or float64) even when ``param`` is bfloat16/float16; the arithmetic
+    runs in the momentum's dtype and the parameter is rounded once at the end.
+    """
+    compute_dtype = exp_avg.dtype
+    g = grad.to(compute_dtype)
+    if maximize:
+        g = -g
+    # c_t = β1·m_{t-1} + (1-β1)·g_t   (a fresh tensor: m_{t-1} is still needed below)
+    c = torch.lerp(exp_avg, g, 1.0 - beta1)
+    if bias_correction:
+        c.div_(1.0 - beta1**step)
+    # u_t = (2/π)·arctan(α·ĉ_t)
+    c.mul_(_effective_alpha(c, alpha, alpha_scaling)).atan_().mul_(_TWO_OVER_PI)
+    # θ_t = θ_{t-1} − η·(u_t + λ·θ_{t-1})
+    if param.dtype == compute_dtype:
+        if weight_decay != 0.0:
+            param.mul_(1.0 - lr * weight_decay)
+        param.add_(c, alpha=-lr)
+    else:
+        p = param.to(compute_dtype)
+        if weight_decay != 0.0:
+            p.mul_(1.0 - lr * weight_decay)
+        p.add_(c, alpha=-lr)
+        param.copy_(p)
+    # m_t = β2·m_{t-1} + (1−β2)·g_t
+    exp_avg.lerp_(g, 1.0 - beta2)
+
+
+def _single_tensor_rlion(params, grads, exp_avgs, steps, **hp) -> None:
+    for param, grad, exp_avg, step in zip(params, grads, exp_avgs, steps):
+        rlion_update_(param, grad, exp_avg, step, **hp)
+
+
+def _chunks_by_numel(indices: list[int], numels: list[int], limit: int):
+    chunk, total = [], 0
+    for i in indices:
+        if chunk and total + numels[i] > limit:
+            yield chunk
+            chunk, total = [], 0
+        chunk.append(i)
+        total += numels[i]
+    if chunk:
+        yield chunk
+
+
+def _foreach_rlion(
+    params, grads, exp_avgs, steps, *, lr, beta1, beta2, weight_decay, alpha, alpha_scaling, bias_correction, maximize
+) -> None:
+    """The same rule with torch's ``_foreach_*`` kernels, on bounded chunks of same-dtype tensors."""
+    # foreach kernels need every list to share device and dtype; group and chunk.
+    groups: dict[tuple, list[int]] = {}
+    for i, (p, m) in enumerate(zip(params, exp_avgs)):
+        groups.setdefault((p.device, p.dtype, m.dtype, steps[i]), []).append(i)
+    numels = [p.numel() for p in params]
+    limit = max([_FOREACH_CHUNK_NUMEL] + numels)
+    for (_, p_dtype, m_dtype, step), indices in groups.items():
+        for chunk in _chunks_by_numel(indices, numels, limit):
+            ps = [params[i] for i in chunk]
+            ms = [exp_avgs[i] for i in chunk]
+            gs = [grads[i] if grads[i].dtype == m_dtype else grads[i].to(m_dtype) for i in chunk]
+            if maximize:
+                gs = torch._foreach_neg(gs)
+            cs = torch._foreach_lerp(ms, gs, 1.0 - beta1)
+            if bias_correction:
+                torch._foreach_div_(cs, 1.0 - beta1**step)
+            if alpha_scaling == "fixed":
+                torch._foreach_mul_(cs, alpha)
+            else:
+                norms = torch._foreach_norm(cs)
+                scales = [
+                    alpha / (n / math.sqrt(c.numel())).clamp_min(torch.finfo(torch.float32).tiny)
+                    for n, c in zip(norms, cs)
+                ]
+                torch._foreach_mul_(cs, scales)
+            torch._foreach_atan_(cs)
+            work = ps if p_dtype == m_dtype else [p.to(m_dtype) for p in ps]
+            if weight_decay != 0.0:
+                torch._foreach_mul_(work, 1.0 - lr * weight_decay)
+            torch._foreach_add_(work, cs, alpha=-lr * _TWO_OVER_PI)
+            if work is not ps:
+                torch._foreach_copy_(ps, work)
+            torch._foreach_lerp_(ms, gs, 1.0 - beta2)
+
+
+class RLion(RLionBase):
+    r"""RLion (Rong et al., *A refined lion optimizer for deep learning*, Sci. Rep. 15, 2025).
+
+    Lion with the discrete ``sign`` replaced by a bounded, continuous arctangent. For every
+    parameter tensor, element-wise:
+
+    .. math::
+        \begin{aligned}
+        c_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t \\
+        \hat c_t &= c_t / (1-\beta_1^t) \ \text{if bias\_correction else}\ c_t \\
+        u_t &= \tfrac{2}{\pi}\arctan(\alpha_t \hat c_t),\qquad
+            \alpha_t = \begin{cases} \alpha & \text{alpha\_scaling="fixed" (the paper)}\\
+                                      \alpha / \mathrm{RMS}(\hat c_t) & \text{alpha\_scaling="rms"}\end{cases} \\
+        \theta_t &= \theta_{t-1} - \eta\,(u_t + \lambda\,\theta_{t-1}) \\
+        m_t &= \beta_2 m_{t-1} + (1-\beta_2) g_t
+        \end{aligned}
+
+    ``|u_t| < 1``, so no step moves a weight by more than ``lr * (1 + weight_decay * |θ|)``.
+    As ``alpha → ∞`` RLion is Lion; as ``alpha → 0`` (with ``lr * alpha`` fixed, fixed
+    scaling) it is SGD with Lion-style momentum. ``RMS`` is taken over the whole tensor, so
+    with ``alpha_scaling="rms"`` the step is invariant to the scale of the gradient, like
+    Lion's, while staying continuous; ``bias_correction`` then has no effect (it rescales
+    ``ĉ_t`` uniformly).
+
+    Args:
+        params: parameters or param groups (dicts), as for any ``torch.optim`` optimizer.
+        lr (float): learning rate η. Default ``1e-4``.
+        betas (tuple[float, float]): (β1, β2) = interpolation and momentum decay. Default
+            ``(0.9, 0.99)``, Lion's (Chen et al. 2023), which the paper keeps.
+        weight_decay (float): decoupled decay λ, applied as ``θ ← θ − η λ θ``. Default ``0``.
+        alpha (float): the scaling factor α (``> 0``, finite). Default ``3.0``; with
+            ``alpha_scaling="rms"`` that puts a one-RMS momentum entry at
+            ``(2/π)·arctan(3) ≈ 0.80`` of Lion's step.
+        alpha_scaling (str): ``"rms"`` (default) divides α by each tensor's RMS(ĉ_t);
+            ``"fixed"`` is the paper's rule, exactly, with α a constant.
+        bias_correction (bool): divide ``c_t`` by ``1 − β1^t``. Default ``False``.
+        maximize (bool): ascend instead of descend. Default ``False``.
+        foreach (bool, optional): use torch's ``_foreach`` kernels (default on CUDA).
+        fused (bool, optional): use the fused CPU kernel (default on CPU when it is
+            available, see :mod:`hf_rlion.fused_cpu`).
+
+    Where the defaults come from: ``docs/results.md`` (the optimizer study) and the probe in
+    the README. With a fixed α of 1–50 (the values public copies use) RLion barely moves on
+    gradients of size 1e-3 (``arctan(α·1e-3) ≈ α·1e-3``): the scale-free ``"rms"`` rule at
+    α = 3 learned at every lr tried, which the fixed rule did not.
+
+    State (per parameter): ``step`` (float32 scalar tensor) and ``exp_avg`` (m_t). ``exp_avg``
+    is float32 for bfloat16/float16 parameters (the arithmetic runs in float32 and the
+    parameter is rounded once per step) and the parameter's dtype otherwise.
+    ``load_state_dict`` keeps that dtype (plain ``torch.optim.Optimizer`` would cast it to
+    the parameter's).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        alpha: float = 3.0,
+        alpha_scaling: str = "rms",
+        bias_correction: bool = False,
+        maximize: bool = False,
+        *,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            weight_decay=weight_decay,
+            alpha=alpha,
+            alpha_scaling=alpha_scaling,
+            bias_correction=bias_correction,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+        )
+        super().__init__(params, defaults)
+
+    def _init_state(self, param: Tensor, state: dict) -> None:
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state_dtype = torch.float32 if param.dtype in low_precision_dtypes else param.dtype
+        state["exp_avg"] = torch.zeros_like(param, dtype=state_dtype, memory_format=torch.preserve_format)
+
+    def _implementation(self, group: dict, params: list[Tensor]) -> Callable:
+        fused, foreach = group["fused"], group["foreach"]
+        if fused:
+            from . import fused_cpu
+
+            fused_cpu.check_supported(params)
+            return fused_cpu.fused_rlion
+        if fused is None and foreach is None:
+            from . import fused_cpu
+
+            if fused_cpu.is_supported(params):
+                return fused_cpu.fused_rlion
+            foreach = any(p.device.type != "cpu" for p in params)
+        return _foreach_rlion if foreach else _single_tensor_rlion
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        """Performs a single optimization step.
+
+        Args:
+            closure (Callable, optional): re-evaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, exp_avgs, steps = [], [], [], []
+            for p in self._params_with_grad(group):
+                state = self.state[p]
+                if len(state) == 0:
+                    self._init_state(p, state)
+                state["step"] += 1
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+                steps.append(int(state["step"].item()))
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            self._implementation(group, params)(
+                params,
+                grads,
+                exp_avgs,
+                steps,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=group["weight_decay"],
+                alpha=group["alpha"],
+                alpha_scaling=group["alpha_scaling"],
+                bias_correction=group["bias_correction"],
+                maximize=group["maximize"],
+            )
+        return loss

@@ -1,0 +1,167 @@
+"""Teach transformers' ``TrainingArguments`` / ``Trainer`` the names ``rlion``, ``rlion_8bit``, ``paged_rlion_8bit``.
+
+transformers has no public extension point for optimizer names, so two things are patched,
+both idempotently and both checked by the tests against the oldest and newest supported
+transformers:
+
+1. ``transformers.training_args.OptimizerNames`` (the enum behind ``--optim``) gains the
+   three members, so ``TrainingArguments(optim="rlion")`` validates and
+   ``HfArgumentParser(TrainingArguments)`` lists them as choices;
+2. ``Trainer.get_optimizer_cls_and_kwargs`` (the static method every Trainer version since
+   4.x calls to turn ``args.optim`` into a class) answers for these names and defers to the
+   original for all others.
+
+``import hf_rlion`` does not import transformers (that takes seconds): it installs an import
+hook that applies each patch right after transformers loads the module it concerns, or at
+once if that module is already loaded.
+
+Where RLion's hyperparameters come from under Trainer:
+  - ``lr`` ← ``--learning_rate``; ``weight_decay`` ← ``--weight_decay`` (Trainer's grouping:
+    none on biases and norm weights);
+  - ``betas`` ← ``--optim_args beta1=…,beta2=…``, default Lion's ``(0.9, 0.99)``.
+    ``--adam_beta1/--adam_beta2`` are Adam's (Trainer defaults β2 to 0.999, which is not
+    Lion's) and are ignored for RLion, with a warning when they differ from Trainer's defaults;
+  - everything else (``alpha``, ``alpha_scaling``, ``bias_correction``, ``min_8bit_size``, …)
+    ← ``--optim_args``; an unknown key is an error listing the valid ones.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import logging
+import sys
+import threading
+import warnings
+from typing import Any
+
+from .registry import TRANSFORMERS_OPTIMIZER_NAMES, get_spec, optimizer_kwargs, parse_optim_args
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_TRANSFORMERS = ">=4.46,<6"
+_PATCH_MARK = "_hf_rlion_original"
+_TRAINER_DEFAULT_ADAM_BETAS = (0.9, 0.999)
+
+
+def _member_name(value: str) -> str:
+    return value.upper()
+
+
+def extend_optimizer_names(optimizer_names_enum: type) -> None:
+    """Add the hf_rlion names to transformers' ``OptimizerNames`` enum (idempotent)."""
+    for value in TRANSFORMERS_OPTIMIZER_NAMES:
+        if value in optimizer_names_enum._value2member_map_:
+            continue
+        member = str.__new__(optimizer_names_enum, value)
+        member._name_ = _member_name(value)
+        member._value_ = value
+        member.__objclass__ = optimizer_names_enum
+        member.__init__(value)
+        optimizer_names_enum._value2member_map_[value] = member
+        optimizer_names_enum._member_map_[member._name_] = member
+        optimizer_names_enum._member_names_.append(member._name_)
+        type.__setattr__(optimizer_names_enum, member._name_, member)
+
+
+def optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[type, dict[str, Any]]:
+    """``(optimizer class, kwargs)`` for ``args.optim`` in ``TRANSFORMERS_OPTIMIZER_NAMES``."""
+    name = getattr(args.optim, "value", args.optim)
+    options = parse_optim_args(args.optim_args)
+    try:
+        kwargs = optimizer_kwargs(name, options)
+    except ValueError as err:
+        raise ValueError(f"--optim {name} --optim_args: {err}") from None
+    if (args.adam_beta1, args.adam_beta2) != _TRAINER_DEFAULT_ADAM_BETAS:
+        warnings.warn(
+            f"--optim {name}: --adam_beta1/--adam_beta2 are Adam's and are ignored; set RLion's betas with "
+            f"--optim_args beta1=...,beta2=... (now {kwargs.get('betas', (0.9, 0.99))})",
+            stacklevel=2,
+        )
+    kwargs["lr"] = args.learning_rate
+    cls = get_spec(name).load_class()
+    if model is not None and name in ("rlion_8bit", "paged_rlion_8bit"):
+        from .rlion8bit import keep_embeddings_in_32bit
+
+        keep_embeddings_in_32bit(model)
+    return cls, kwargs
+
+
+def patch_trainer(trainer_cls: type) -> None:
+    """Wrap ``trainer_cls.get_optimizer_cls_and_kwargs`` so it answers for hf_rlion's names (idempotent)."""
+    current = trainer_cls.__dict__.get("get_optimizer_cls_and_kwargs")
+    original = current.__func__ if isinstance(current, staticmethod) else current
+    if original is None or hasattr(original, _PATCH_MARK):
+        return
+
+    def get_optimizer_cls_and_kwargs(args, model=None):
+        if getattr(args.optim, "value", args.optim) in TRANSFORMERS_OPTIMIZER_NAMES:
+            return optimizer_cls_and_kwargs(args, model)
+        return original(args, model) if model is not None else original(args)
+
+    setattr(get_optimizer_cls_and_kwargs, _PATCH_MARK, original)
+    get_optimizer_cls_and_kwargs.__doc__ = original.__doc__
+    trainer_cls.get_optimizer_cls_and_kwargs = staticmethod(get_optimizer_cls_and_kwargs)
+
+
+def _patch_module(module_name: str, module: Any) -> None:
+    if module_name == "transformers.training_args":
+        extend_optimizer_names(module.OptimizerNames)
+    elif module_name == "transformers.trainer":
+        patch_trainer(module.Trainer)
+
+
+_TARGETS = ("transformers.training_args", "transformers.trainer")
+
+
+class _PatchAfterImport(importlib.abc.MetaPathFinder):
+    """Import hook: run :func:`_patch_module` right after a target module has executed."""
+
+    _local = threading.local()
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in _TARGETS or getattr(self._local, "busy", False):
+            return None
+        self._local.busy = True
+        try:
+            spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        finally:
+            self._local.busy = False
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        loader = spec.loader
+        original_exec = loader.exec_module
+
+        def exec_module(module):
+            original_exec(module)
+            _patch_module(fullname, module)
+
+        loader.exec_module = exec_module
+        return spec
+
+
+_hook = _PatchAfterImport()
+
+
+def register_with_transformers() -> None:
+    """Make ``--optim rlion|rlion_8bit|paged_rlion_8bit`` work in transformers (idempotent).
+
+    Called by ``import hf_rlion``. Safe to call again, and when transformers is not installed.
+    """
+    for name in _TARGETS:
+        if name in sys.modules:
+            _patch_module(name, sys.modules[name])
+    if _hook not in sys.meta_path:
+        sys.meta_path.insert(0, _hook)
+
+
+def is_registered() -> bool:
+    """Whether the loaded transformers modules know hf_rlion's names."""
+    training_args = sys.modules.get("transformers.training_args")
+    trainer = sys.modules.get("transformers.trainer")
+    ok = _hook in sys.meta_path
+    if training_args is not None:
+        ok &= all(n in training_args.OptimizerNames._value2member_map_ for n in TRANSFORMERS_OPTIMIZER_NAMES)
+    if trainer is not None:
+        ok &= hasattr(trainer.Trainer.get_optimizer_cls_and_kwargs, _PATCH_MARK)
+    return ok
