@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -48,6 +49,22 @@ def validate_hyperparameters(group: dict) -> None:
         raise ValueError("foreach and fused cannot both be True")
 
 
+def finite_gradient_mask(grads: list[Tensor]) -> list[bool]:
+    """For each gradient, whether every element is finite (no NaN, no ±inf).
+
+    Two reductions per tensor (max and min; NaN propagates through both), no temporary the
+    size of the tensor.
+    """
+    mask = []
+    for g in grads:
+        if g.numel() == 0:
+            mask.append(True)
+            continue
+        hi, lo = torch.aminmax(g)
+        mask.append(bool(torch.isfinite(hi) & torch.isfinite(lo)))
+    return mask
+
+
 class RLionBase(torch.optim.Optimizer):
     """``torch.optim.Optimizer`` with RLion's argument checks and a dtype-preserving ``load_state_dict``."""
 
@@ -55,6 +72,35 @@ class RLionBase(torch.optim.Optimizer):
         validate_hyperparameters(defaults)
         defaults["betas"] = tuple(defaults["betas"])
         super().__init__(params, defaults)
+        #: tensor-steps skipped because the tensor's gradient held NaN/inf (see ``_skip_nonfinite``).
+        self.nonfinite_skips = 0
+        self._warned_nonfinite = False
+
+    def _skip_nonfinite(self, params: list[Tensor]) -> list[Tensor]:
+        """The non-finite-gradient policy: drop tensors whose gradient holds NaN/inf from this step.
+
+        Such a tensor is not updated at all (parameter, momentum and step count unchanged),
+        so one bad batch cannot poison weights or momentum. Each skip is counted in
+        ``self.nonfinite_skips``; the first one per optimizer warns, naming the tensor.
+        Works with fp16 loss scaling (which skips the whole step itself before we see inf)
+        and with gradient clipping (a clipped NaN stays NaN and is skipped here).
+        """
+        mask = finite_gradient_mask([p.grad for p in params])
+        if all(mask):
+            return params
+        kept = [p for p, ok in zip(params, mask) if ok]
+        skipped = [p for p, ok in zip(params, mask) if not ok]
+        self.nonfinite_skips += len(skipped)
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            shapes = ", ".join(str(tuple(p.shape)) for p in skipped[:5])
+            warnings.warn(
+                f"{type(self).__name__}: {len(skipped)} parameter tensor(s) with NaN/inf gradients (shapes {shapes}) "
+                "were not updated this step; later skips are counted in optimizer.nonfinite_skips without warning",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return kept
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)

@@ -248,7 +248,7 @@ class RLion(RLionBase):
                 loss = closure()
         for group in self.param_groups:
             params, grads, exp_avgs, steps = [], [], [], []
-            for p in self._params_with_grad(group):
+            for p in self._skip_nonfinite(list(self._params_with_grad(group))):
                 state = self.state[p]
                 if len(state) == 0:
                     self._init_state(p, state)
