@@ -30,7 +30,8 @@ def _effective_alpha(c: Tensor, alpha: float, alpha_scaling: str) -> float | Ten
     """The α that multiplies ĉ_t: the constant α, or α / RMS(ĉ_t) for one tensor."""
     if alpha_scaling == "fixed":
         return alpha
-    rms = torch.linalg.vector_norm(c, dtype=torch.float32) / math.sqrt(max(c.numel(), 1))
+    norm_dtype = torch.promote_types(c.dtype, torch.float32)
+    rms = torch.linalg.vector_norm(c, dtype=norm_dtype) / math.sqrt(max(c.numel(), 1))
     return alpha / rms.clamp_min(torch.finfo(torch.float32).tiny)
 
 
