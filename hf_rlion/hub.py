@@ -1,0 +1,404 @@
+"""Model cards and pushing a finished training run to the Hugging Face Hub.
+
+Two functions, used by the recipes after they have saved everything locally:
+
+* :func:`build_model_card` writes a :class:`huggingface_hub.ModelCard` whose YAML front matter
+  holds the ``model-index`` (one ``EvalResult`` per metric), the dataset, the tags (always
+  ``hf-rlion`` and ``rlion``) and the optimizer with its hyperparameters, and whose text says
+  how to load the model and how to reproduce the run.
+* :func:`push_folder_to_hub` writes the card as ``README.md`` into the output folder, then creates
+  the repository (``exist_ok``) and uploads the folder in one commit. It never prints, logs or
+  writes the token. A failed push raises :class:`HubPushError`, which says that the local output
+  is intact and gives the command that retries the push::
+
+      python -m hf_rlion.hub push OUTPUT_DIR REPO_ID
+
+Under ``accelerate launch`` with several processes, call :func:`push_folder_to_hub` on the main
+process only (``if accelerator.is_main_process:`` / ``if trainer.is_world_process_zero():``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+from huggingface_hub.utils import get_token
+
+__all__ = [
+    "DEFAULT_IGNORE_PATTERNS",
+    "HubPushError",
+    "build_model_card",
+    "push_folder_to_hub",
+    "redact_secrets",
+]
+
+# Files of a training output folder that do not belong in a model repository: transformers'
+# Trainer checkpoints ("checkpoint-500", which Trainer.push_to_hub skips too, with "_*"),
+# Accelerate save_state folders as transformers' no_trainer examples name them
+# ("epoch_3", "step_100", "checkpoints/"), and Python caches.
+DEFAULT_IGNORE_PATTERNS: tuple[str, ...] = (
+    "checkpoint-*",
+    "checkpoint_*",
+    "checkpoints/*",
+    "epoch_*",
+    "step_*",
+    "_*",
+    "**/__pycache__/**",
+    "*.pyc",
+)
+
+# Hub access tokens start with "hf_"; command-line flags and keys that carry a token by name.
+_TOKEN_PATTERN = re.compile(r"\bhf_[A-Za-z0-9]{8,}\b")
+_TOKEN_FLAG_PATTERN = re.compile(r"(--[\w-]*token[\w-]*)(=|\s+)(\S+)", re.IGNORECASE)
+_REDACTED = "<redacted>"
+
+# Sentence-cased titles for the metrics the recipes report; other names are shown as given.
+_METRIC_TITLES = {
+    "accuracy": "Accuracy",
+    "top5_accuracy": "Top-5 accuracy",
+    "mean_iou": "Mean IoU",
+    "iou_at_0.5": "Fraction with IoU ≥ 0.5",
+    "loss": "Loss",
+}
+
+
+class HubPushError(RuntimeError):
+    """A push to the Hub failed; the local output folder is untouched (the message says how to retry)."""
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with Hub tokens (``hf_...``) and the values of ``--*token*`` flags replaced by ``<redacted>``."""
+    text = _TOKEN_FLAG_PATTERN.sub(lambda m: f"{m.group(1)}{m.group(2)}{_REDACTED}", text)
+    return _TOKEN_PATTERN.sub(_REDACTED, text)
+
+
+def _public_hyperparameters(name: str, values: Mapping) -> dict:
+    """``values`` as plain YAML-safe data, without any entry whose key names a token."""
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{name} must be a dict of hyperparameter name -> value, got {type(values).__name__}")
+    public = {}
+    for key, value in values.items():
+        if "token" in str(key).lower():
+            continue
+        public[str(key)] = _yaml_safe(value)
+    return public
+
+
+def _yaml_safe(value):
+    if value is None or isinstance(value, (bool, int, str)):
+        return redact_secrets(value) if isinstance(value, str) else value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, (list, tuple)):
+        return [_yaml_safe(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _yaml_safe(v) for k, v in value.items()}
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        try:
+            return _yaml_safe(value.item())
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    return str(getattr(value, "value", value))  # enums (transformers' SchedulerType ...) by value
+
+
+def _markdown_table(header: tuple[str, str], rows: Iterable[tuple[str, object]]) -> str:
+    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
+    lines += [f"| {key} | `{value}` |" if not isinstance(value, str) else f"| {key} | {value} |" for key, value in rows]
+    return "\n".join(lines)
+
+
+def _framework_versions() -> list[tuple[str, str]]:
+    import importlib.metadata
+
+    versions = []
+    for package in ("hf-rlion", "torch", "transformers", "accelerate", "datasets", "huggingface_hub"):
+        try:
+            versions.append((package, importlib.metadata.version(package)))
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+# The transformers Auto class that loads a model for each Hub task id (others: AutoModel).
+_TASK_AUTO_CLASS = {
+    "image-classification": "AutoModelForImageClassification",
+    "object-detection": "AutoModelForObjectDetection",
+    "image-segmentation": "AutoModelForImageSegmentation",
+    "text-classification": "AutoModelForSequenceClassification",
+}
+
+
+def _default_usage_code(task: str, repo_id: str) -> str:
+    auto_class = _TASK_AUTO_CLASS.get(task, "AutoModel")
+    return f'from transformers import {auto_class}\n\nmodel = {auto_class}.from_pretrained("{repo_id}")'
+
+
+def build_model_card(
+    *,
+    model_name: str,
+    task: str,
+    dataset_name: str,
+    metrics: dict[str, float],
+    optimizer: str,
+    optimizer_hyperparameters: dict,
+    training_hyperparameters: dict,
+    reproduce_command: str,
+    dataset_config: str | None = None,
+    dataset_split: str | None = None,
+    base_model: str | None = None,
+    tags: list[str] | None = None,
+    license: str | None = None,
+    repo_id: str | None = None,
+    usage_code: str | None = None,
+    extra_sections: dict[str, str] | None = None,
+) -> ModelCard:
+    """A model card for a model trained with hf-rlion, ready to ``save`` or :func:`push_folder_to_hub`.
+
+    Args:
+        model_name: the repository / model name shown as the card's title and in the model-index.
+        task: the Hub task id, e.g. ``"image-classification"`` or ``"object-detection"`` (also the
+            card's ``pipeline_tag``).
+        dataset_name: the dataset's Hub id or a descriptive name (``"sklearn-digits"``, a local path
+            is reduced to its last component).
+        metrics: evaluation results, name -> finite number; an ``eval_`` prefix is dropped
+            (``eval_accuracy`` is reported as metric type ``accuracy``). Each becomes one
+            ``EvalResult`` of the model-index.
+        optimizer: the optimizer's registry name (``rlion``, ``rlion_8bit``, ``adamw`` ...).
+        optimizer_hyperparameters: what the optimizer was built with (lr, betas, alpha ...).
+        training_hyperparameters: epochs, batch size, scheduler, seed ... (keys naming a token are
+            dropped, ``hf_...`` token values are redacted).
+        reproduce_command: the command line that reproduces the run (tokens redacted).
+        dataset_config / dataset_split: the dataset configuration and evaluated split, if any.
+        base_model: the Hub id of the checkpoint this model was fine-tuned from, if any.
+        tags: more tags; ``hf-rlion``, ``rlion``, the optimizer name and ``task`` are always added.
+        license: an SPDX-style license id for the card, if known.
+        repo_id: the Hub repository id, used in the "How to use" snippet (default: ``model_name``).
+        usage_code: Python code for "How to use" (default: ``from_pretrained`` with the transformers
+            Auto class for ``task``, e.g. ``AutoModelForImageClassification``).
+        extra_sections: more Markdown sections, title -> body, appended in order.
+
+    Raises:
+        ValueError: naming the argument, for an empty name/task/dataset/optimizer, a metric that
+            is not a finite number, or hyperparameters that are not a dict.
+    """
+    for argument, value in (("model_name", model_name), ("task", task), ("dataset_name", dataset_name), ("optimizer", optimizer)):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{argument} must be a non-empty string, got {value!r}")
+    if not isinstance(metrics, Mapping):
+        raise ValueError(f"metrics must be a dict of metric name -> number, got {type(metrics).__name__}")
+    clean_metrics: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = str(key).removeprefix("eval_")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"metrics[{key!r}] must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ValueError(f"metrics[{key!r}] must be finite, got {number}")
+        clean_metrics[name] = number
+    optimizer_hparams = _public_hyperparameters("optimizer_hyperparameters", optimizer_hyperparameters)
+    training_hparams = _public_hyperparameters("training_hyperparameters", training_hyperparameters)
+    reproduce_command = redact_secrets(reproduce_command.strip())
+    dataset_id = Path(dataset_name).name if ("/" in dataset_name and Path(dataset_name).exists()) else dataset_name
+
+    all_tags = ["hf-rlion", "rlion", optimizer, task]
+    for tag in tags or []:
+        if tag not in all_tags:
+            all_tags.append(tag)
+    all_tags = list(dict.fromkeys(all_tags))
+
+    eval_results = [
+        EvalResult(
+            task_type=task,
+            dataset_type=dataset_id,
+            dataset_name=dataset_id,
+            dataset_config=dataset_config,
+            dataset_split=dataset_split,
+            metric_type=name,
+            metric_name=_METRIC_TITLES.get(name, name),
+            metric_value=value,
+        )
+        for name, value in clean_metrics.items()
+    ]
+    card_data = ModelCardData(
+        model_name=model_name,
+        base_model=base_model,
+        datasets=[dataset_id],
+        tags=all_tags,
+        library_name="transformers",
+        pipeline_tag=task,
+        license=license,
+        eval_results=eval_results or None,
+        optimizer={"name": optimizer, "hyperparameters": optimizer_hparams},
+        training_hyperparameters=training_hparams,
+    )
+
+    dataset_text = f"`{dataset_id}`" + (f" (config `{dataset_config}`)" if dataset_config else "")
+    origin = f"fine-tuned from [`{base_model}`](https://huggingface.co/{base_model})" if base_model else "trained"
+    sections = [
+        f"# {model_name}",
+        f"This model was {origin} for **{task}** on {dataset_text} with the **{optimizer}** optimizer "
+        "from hf-rlion — RLion, the refined Lion optimizer of Rong et al., "
+        "*A refined Lion optimizer for deep learning*, Scientific Reports 15 (2025), "
+        "doi:10.1038/s41598-025-07112-4.",
+    ]
+    if clean_metrics:
+        split = f" ({dataset_split} split)" if dataset_split else ""
+        sections += [
+            "## Evaluation results",
+            f"On {dataset_text}{split}:",
+            _markdown_table(("Metric", "Value"), ((_METRIC_TITLES.get(k, k), f"{v:.4f}") for k, v in clean_metrics.items())),
+        ]
+    sections += [
+        "## Optimizer",
+        f"`{optimizer}` with:" if optimizer_hparams else f"`{optimizer}` with its defaults.",
+    ]
+    if optimizer_hparams:
+        sections.append(_markdown_table(("Hyperparameter", "Value"), optimizer_hparams.items()))
+    if training_hparams:
+        sections += ["## Training hyperparameters", _markdown_table(("Hyperparameter", "Value"), training_hparams.items())]
+    sections += [
+        "## How to use",
+        f"```python\n{usage_code.strip() if usage_code else _default_usage_code(task, repo_id or model_name)}\n```",
+        "## How to reproduce",
+        "With `pip install hf-rlion[recipes]`:",
+        f"```bash\n{reproduce_command}\n```",
+    ]
+    for title, body in (extra_sections or {}).items():
+        sections += [f"## {title}", body.strip()]
+    versions = _framework_versions()
+    if versions:
+        sections += ["## Framework versions", "\n".join(f"- {name} {version}" for name, version in versions)]
+
+    content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
+    return ModelCard(content)
+
+
+def _retry_hint(folder: Path, repo_id: str) -> str:
+    return (
+        f"The local output is intact in {folder}. Retry the push with:\n"
+        f"    python -m hf_rlion.hub push {folder} {repo_id}\n"
+        "(the token comes from HF_TOKEN or `hf auth login`)."
+    )
+
+
+def push_folder_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    card: ModelCard | None = None,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str = "Upload model trained with RLion (hf-rlion)",
+    ignore_patterns: Iterable[str] = DEFAULT_IGNORE_PATTERNS,
+    endpoint: str | None = None,
+) -> str:
+    """Push a saved model folder to the Hub repository ``repo_id`` in one commit; return the repo URL.
+
+    Order (so that a failure never loses anything): the card is first written to
+    ``folder/README.md``; then the token is checked (``whoami``), the repository created if
+    missing (``exist_ok=True``), and the folder uploaded with ``ignore_patterns`` left out.
+
+    Args:
+        folder: the local output folder (``save_pretrained`` output, results, card ...).
+        repo_id: ``"namespace/name"``, or ``"name"`` for the token owner's namespace.
+        card: a card from :func:`build_model_card`; ``None`` pushes the folder's README.md as is.
+        token: a Hub token with write access; ``None`` uses ``HF_TOKEN`` or the saved login.
+        private: visibility of a newly created repository (``None``: the Hub's default).
+        ignore_patterns: glob patterns of files not to upload (default: checkpoints, caches).
+        endpoint: the Hub URL; ``None`` uses ``HF_ENDPOINT`` (read when huggingface_hub is
+            imported) or https://huggingface.co.
+
+    Raises:
+        ValueError: ``repo_id`` is not ``name`` or ``namespace/name``.
+        FileNotFoundError: ``folder`` is not a directory.
+        HubPushError: no token, a rejected token, or any Hub/network error; the message says
+            what failed and how to retry, and never contains the token.
+    """
+    folder = Path(folder).resolve()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"folder {str(folder)!r} to push does not exist or is not a directory")
+    if not isinstance(repo_id, str) or not re.fullmatch(r"([\w.-]+/)?[\w.-]+", repo_id) or ".." in repo_id:
+        raise ValueError(f"repo_id must be 'name' or 'namespace/name' (letters, digits, '-', '_', '.'), got {repo_id!r}")
+    if card is not None:
+        card.save(folder / "README.md")
+
+    token = token if token is not None else get_token()
+    if not token:
+        raise HubPushError(
+            f"Cannot push {folder} to {repo_id!r}: no Hugging Face token. Set HF_TOKEN, run "
+            "`hf auth login`, or pass token=... (a token with write access). " + _retry_hint(folder, repo_id)
+        )
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        try:
+            user = api.whoami()
+        except HfHubHTTPError as err:
+            status = getattr(err.response, "status_code", None)
+            if status == 401:
+                raise HubPushError(
+                    f"Cannot push {folder} to {repo_id!r}: the token was rejected by {api.endpoint} "
+                    "(401 Unauthorized: invalid or expired). Create a token with write access at "
+                    "https://huggingface.co/settings/tokens. " + _retry_hint(folder, repo_id)
+                ) from None
+            raise
+        if "/" not in repo_id:
+            repo_id = f"{user['name']}/{repo_id}"
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(
+            repo_id=repo_url.repo_id,
+            folder_path=folder,
+            commit_message=commit_message,
+            ignore_patterns=list(ignore_patterns),
+            repo_type="model",
+        )
+    except HubPushError:
+        raise
+    except OfflineModeIsEnabled:
+        raise HubPushError(
+            f"Cannot push {folder} to {repo_id!r}: HF_HUB_OFFLINE is set. Unset it. " + _retry_hint(folder, repo_id)
+        ) from None
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        reason = redact_secrets(str(err)).replace(token, _REDACTED)
+        raise HubPushError(
+            f"Cannot push {folder} to {repo_id!r} at {api.endpoint}: {type(err).__name__}: {reason}\n"
+            + _retry_hint(folder, repo_id)
+        ) from None
+    except Exception as err:  # httpx transport errors and the like: same message, same retry hint
+        if not type(err).__module__.startswith(("httpx", "httpcore", "requests", "urllib3")):
+            raise
+        reason = redact_secrets(str(err)).replace(token, _REDACTED)
+        raise HubPushError(
+            f"Cannot push {folder} to {repo_id!r} at {api.endpoint}: {type(err).__name__}: {reason}\n"
+            + _retry_hint(folder, repo_id)
+        ) from None
+    return str(repo_url)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hf_rlion.hub push FOLDER REPO_ID``: (re)push a saved output folder and its README.md."""
+    parser = argparse.ArgumentParser(prog="python -m hf_rlion.hub", description=main.__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    push = commands.add_parser("push", help="push FOLDER (with its README.md model card) to REPO_ID")
+    push.add_argument("folder")
+    push.add_argument("repo_id")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--commit_message", default="Upload model trained with RLion (hf-rlion)")
+    args = parser.parse_args(argv)
+    try:
+        url = push_folder_to_hub(args.folder, args.repo_id, private=args.private or None, commit_message=args.commit_message)
+    except (HubPushError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"Pushed {args.folder} to {url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

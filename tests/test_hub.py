@@ -1,0 +1,294 @@
+"""Model cards and pushes to a local stand-in Hub (tests/hub_server.py, fixture ``local_hub``).
+
+What these tests prove:
+* the card parses back with ``huggingface_hub.ModelCard``: model-index metrics, dataset, tags,
+  the optimizer and its hyperparameters, the reproduce command; bad input is a ValueError
+  naming the argument; tokens never reach the card;
+* a small real ViT, trained a few RLion steps on scikit-learn's digits, pushed with its card
+  through the real ``huggingface_hub`` client, loads back from the pushed files with
+  ``from_pretrained`` (from the stored folder, and from the repo id through the server's
+  download endpoints) and gives the same logits; checkpoints are not pushed;
+* pushing without a token, with a wrong token, or to an unreachable Hub raises HubPushError with
+  a retry command, leaves the local output intact, and the retry command then succeeds;
+* the token appears in no pushed file and no captured output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard
+
+from hf_rlion import RLion
+from hf_rlion.hub import HubPushError, build_model_card, push_folder_to_hub, redact_secrets
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- helpers --------------------------------------------------------------------------------
+def digits_images(n: int, size: int = 32):
+    """The first ``n`` scikit-learn digits as (n, 3, size, size) float images in [0, 1] and labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images[:n], dtype=torch.float32) / 16.0
+    images = torch.nn.functional.interpolate(images[:, None], size=(size, size), mode="nearest").repeat(1, 3, 1, 1)
+    return images, torch.tensor(digits.target[:n])
+
+
+def tiny_vit(num_labels: int = 10):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=num_labels,
+        id2label={i: str(i) for i in range(num_labels)},
+        label2id={str(i): i for i in range(num_labels)},
+    )
+    return ViTForImageClassification(config)
+
+
+def card_kwargs(**overrides):
+    kwargs = dict(
+        model_name="vit-tiny-digits-rlion",
+        task="image-classification",
+        dataset_name="sklearn-digits",
+        metrics={"eval_accuracy": 0.875, "eval_top5_accuracy": 0.99},
+        optimizer="rlion",
+        optimizer_hyperparameters={"lr": 1e-3, "betas": (0.9, 0.99), "alpha": 3.0, "alpha_scaling": "rms"},
+        training_hyperparameters={"num_train_epochs": 3, "per_device_train_batch_size": 16, "seed": 0},
+        reproduce_command="accelerate launch recipes/image_classification.py --optim rlion",
+        tags=["vision"],
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def all_bytes_under(folder: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())
+
+
+# -- the card -------------------------------------------------------------------------------
+def test_model_card_parses_back_with_metrics_optimizer_and_tags():
+    card = build_model_card(**card_kwargs(dataset_split="test", base_model="google/vit-base-patch16-224"))
+    parsed = ModelCard(card.content)  # parse the text, not the object we built
+    data = parsed.data
+
+    results = {r.metric_type: r for r in data.eval_results}
+    assert set(results) == {"accuracy", "top5_accuracy"}
+    assert results["accuracy"].metric_value == 0.875
+    assert results["accuracy"].task_type == "image-classification"
+    assert results["accuracy"].dataset_name == "sklearn-digits"
+    assert results["accuracy"].dataset_split == "test"
+    assert data.model_name == "vit-tiny-digits-rlion"
+    assert data.datasets == ["sklearn-digits"]
+    assert data.base_model == "google/vit-base-patch16-224"
+    assert data.pipeline_tag == "image-classification"
+    assert {"hf-rlion", "rlion", "vision", "image-classification"} <= set(data.tags)
+    assert data.optimizer == {
+        "name": "rlion",
+        "hyperparameters": {"lr": 1e-3, "betas": [0.9, 0.99], "alpha": 3.0, "alpha_scaling": "rms"},
+    }
+    assert data.training_hyperparameters["num_train_epochs"] == 3
+    assert "accelerate launch recipes/image_classification.py --optim rlion" in parsed.text
+    assert "AutoModelForImageClassification" in parsed.text
+    assert "| Accuracy | 0.8750 |" in parsed.text
+
+
+@pytest.mark.parametrize(
+    "overrides, argument",
+    [
+        ({"metrics": {"eval_accuracy": float("nan")}}, "metrics['eval_accuracy']"),
+        ({"metrics": {"accuracy": "high"}}, "metrics['accuracy']"),
+        ({"task": ""}, "task"),
+        ({"optimizer": None}, "optimizer"),
+        ({"optimizer_hyperparameters": [1e-3]}, "optimizer_hyperparameters"),
+    ],
+)
+def test_model_card_rejects_bad_input_naming_the_argument(overrides, argument):
+    with pytest.raises(ValueError, match=r"^" + __import__("re").escape(argument)):
+        build_model_card(**card_kwargs(**overrides))
+
+
+def test_model_card_never_contains_a_token():
+    token = "hf_" + "Ab3" * 12
+    card = build_model_card(
+        **card_kwargs(
+            reproduce_command=f"python recipes/image_classification.py --hub_token {token} --push_to_hub",
+            training_hyperparameters={"hub_token": token, "note": f"pushed with {token}", "seed": 1},
+        )
+    )
+    assert token not in card.content
+    assert "--hub_token <redacted> --push_to_hub" in card.content
+    assert "hub_token" not in ModelCard(card.content).data.training_hyperparameters
+    assert redact_secrets(f"--token={token}") == "--token=<redacted>"
+
+
+# -- pushing --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_vit_folder(tmp_path_factory):
+    """A tiny ViT trained 5 RLion steps on digits, saved like a recipe's output folder."""
+    images, labels = digits_images(64)
+    model = tiny_vit()
+    optimizer = RLion(model.parameters(), lr=1e-3)
+    for step in range(5):
+        batch = slice(16 * (step % 4), 16 * (step % 4 + 1))
+        loss = model(pixel_values=images[batch], labels=labels[batch]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    folder = tmp_path_factory.mktemp("output")
+    model.save_pretrained(folder)
+    (folder / "eval_results.json").write_text(json.dumps({"eval_accuracy": 0.5}))
+    (folder / "checkpoint-5").mkdir()
+    (folder / "checkpoint-5" / "optimizer.pt").write_bytes(b"not for the hub")
+    with torch.no_grad():
+        logits = model(pixel_values=images[:8]).logits
+    return folder, images[:8], logits
+
+
+def test_push_round_trip_loads_the_same_model(local_hub, trained_vit_folder):
+    from transformers import ViTForImageClassification
+
+    folder, images, logits = trained_vit_folder
+    repo_id = f"{local_hub.user}/vit-tiny-digits-rlion"
+    card = build_model_card(**card_kwargs(repo_id=repo_id))
+    url = push_folder_to_hub(folder, repo_id, card=card, token=local_hub.token, endpoint=local_hub.endpoint)
+
+    assert url == f"{local_hub.endpoint}/{repo_id}"
+    pushed = local_hub.repo_dir(repo_id)
+    names = sorted(p.relative_to(pushed).as_posix() for p in pushed.rglob("*") if p.is_file())
+    assert names == ["README.md", "config.json", "eval_results.json", "model.safetensors"]
+    assert (folder / "README.md").read_text() == (pushed / "README.md").read_text()  # card saved locally first
+    assert local_hub.commits(repo_id)[-1]["summary"] == "Upload model trained with RLion (hf-rlion)"
+
+    reloaded = ViTForImageClassification.from_pretrained(pushed).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixel_values=images).logits, logits)
+    data = ModelCard.load(pushed / "README.md").data
+    assert data.eval_results[0].metric_value == 0.875 and data.optimizer["name"] == "rlion"
+    assert local_hub.token.encode() not in all_bytes_under(pushed)
+
+    # The Hub answers like the real one: repo info lists the files, and a second push of the
+    # same folder changes nothing (the client skips files whose git oid is unchanged).
+    info = HfApi(endpoint=local_hub.endpoint).model_info(repo_id, token=local_hub.token)
+    assert sorted(s.rfilename for s in info.siblings) == names
+    push_folder_to_hub(folder, repo_id, token=local_hub.token, endpoint=local_hub.endpoint)
+    assert len(local_hub.commits(repo_id)) == 1
+
+
+def test_push_without_token_fails_clearly_and_keeps_the_output(local_hub, trained_vit_folder, monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    folder = trained_vit_folder[0]
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != "README.md"}
+
+    with pytest.raises(HubPushError, match="no Hugging Face token") as excinfo:
+        push_folder_to_hub(folder, "someone/model", card=build_model_card(**card_kwargs()), endpoint=local_hub.endpoint)
+    assert f"python -m hf_rlion.hub push {folder} someone/model" in str(excinfo.value)
+    assert local_hub.requests == []  # nothing was sent
+    assert (folder / "README.md").is_file()  # the card is written locally even though the push failed
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_push_with_a_wrong_token_fails_clearly_without_echoing_it(local_hub, trained_vit_folder):
+    wrong = "hf_" + "Z" * 34
+    with pytest.raises(HubPushError, match="token was rejected") as excinfo:
+        push_folder_to_hub(trained_vit_folder[0], "model", token=wrong, endpoint=local_hub.endpoint)
+    assert wrong not in str(excinfo.value) and "python -m hf_rlion.hub push" in str(excinfo.value)
+    assert local_hub.repo_ids() == []
+
+
+def test_push_to_a_namespace_the_token_cannot_write_fails_clearly(local_hub, trained_vit_folder):
+    with pytest.raises(HubPushError, match="403") as excinfo:
+        push_folder_to_hub(trained_vit_folder[0], "other-org/model", token=local_hub.token, endpoint=local_hub.endpoint)
+    assert local_hub.token not in str(excinfo.value)
+
+
+def test_push_argument_errors(local_hub, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        push_folder_to_hub(tmp_path / "missing", "model", token=local_hub.token, endpoint=local_hub.endpoint)
+    with pytest.raises(ValueError, match="^repo_id"):
+        push_folder_to_hub(tmp_path, "a/b/c", token=local_hub.token, endpoint=local_hub.endpoint)
+
+
+def _subprocess_env(local_hub, tmp_path) -> dict:
+    env = {**os.environ, **local_hub.env, "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("HF_HUB_CACHE", None)
+    return env
+
+
+def test_unreachable_hub_then_retry_command_pushes(local_hub, trained_vit_folder, tmp_path):
+    """A push to a Hub that is down fails with a retry command; running that command later works."""
+    from hub_server import LocalHub
+
+    with LocalHub(tmp_path / "down", local_hub.token) as down:
+        dead_endpoint = down.endpoint
+    folder = trained_vit_folder[0]
+    card = build_model_card(**card_kwargs())
+    with pytest.raises(HubPushError) as excinfo:
+        push_folder_to_hub(folder, "vit-retry", card=card, token=local_hub.token, endpoint=dead_endpoint)
+    message = str(excinfo.value)
+    assert "local output is intact" in message and local_hub.token not in message
+    retry = message.split("Retry the push with:\n")[1].splitlines()[0].strip()
+    assert retry == f"python -m hf_rlion.hub push {folder} vit-retry"
+
+    result = subprocess.run(
+        [sys.executable, *retry.split()[1:]],
+        env=_subprocess_env(local_hub, tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"{local_hub.endpoint}/{local_hub.user}/vit-retry" in result.stdout
+    assert local_hub.token not in result.stdout + result.stderr
+    pushed = local_hub.repo_dir("vit-retry")
+    assert (pushed / "README.md").read_text() == card.content + "\n" or (pushed / "README.md").read_text() == (
+        folder / "README.md"
+    ).read_text()
+    assert not (pushed / "checkpoint-5").exists()
+
+
+def test_from_pretrained_downloads_by_repo_id_through_the_stand_in_hub(local_hub, trained_vit_folder, tmp_path):
+    """``from_pretrained("user/name")`` with HF_ENDPOINT at the server: the download side of the round trip."""
+    folder, images, logits = trained_vit_folder
+    repo_id = f"{local_hub.user}/vit-download"
+    push_folder_to_hub(folder, repo_id, token=local_hub.token, endpoint=local_hub.endpoint, private=True)
+    torch.save(images, tmp_path / "images.pt")
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from transformers import ViTForImageClassification
+        model = ViTForImageClassification.from_pretrained({repo_id!r}).eval()
+        with torch.no_grad():
+            torch.save(model(pixel_values=torch.load({str(tmp_path / "images.pt")!r})).logits, {str(tmp_path / "logits.pt")!r})
+        """
+    )
+    env = _subprocess_env(local_hub, tmp_path)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), logits)
+    downloads = [path for method, path in local_hub.requests if method == "GET" and "/resolve/" in path]
+    assert downloads and all(path.startswith(f"/{repo_id}/resolve/") for path in downloads)
+    assert any(path.endswith("/model.safetensors") for path in downloads)
+    assert local_hub.token not in result.stdout + result.stderr
