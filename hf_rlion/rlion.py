@@ -231,7 +231,9 @@ class RLion(RLionBase):
         if fused is None and foreach is None:
             from . import fused_cpu
 
-            if fused_cpu.is_supported(params):
+            # Tensor subclasses (FSDP2's DTensor shards) need torch's dispatch: the per-tensor
+            # RMS is then a global reduction over all shards. Only plain tensors go native.
+            if all(type(p.data) is Tensor for p in params) and fused_cpu.is_supported(params):
                 return fused_cpu.fused_rlion
             foreach = any(p.device.type != "cpu" for p in params)
         return _foreach_rlion if foreach else _single_tensor_rlion
