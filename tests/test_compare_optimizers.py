@@ -1,0 +1,79 @@
+"""The optimizer study script: a seconds-long real run of its small default, and its pieces."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_optimizers.py"
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("compare_optimizers", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["compare_optimizers"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_small_default_on_digits_writes_sane_results_and_plots(study, tmp_path):
+    """The small default grid restricted to digits, one epoch each: every cell is recorded once,
+    with a finite loss curve and a metric in [0, 1], and the report writes its tables and plots."""
+    assert study.main(["--tasks", "digits", "--epochs", "1", "--out", str(tmp_path)]) == 0
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    expected = {study.run_key(r) for r in study.small_grid() if r["task"] == "digits"}
+    assert {study.run_key(r) for r in records} == expected and len(records) == len(expected)
+    for r in records:
+        assert 0.0 <= r["metric"] <= 1.0
+        assert len(r["train_loss_curve"]) == 1 and math.isfinite(r["train_loss_curve"][0])
+        assert r["registry_name"] in ("adamw", "lion", "rlion")
+    # One epoch at lr 1e-2 is enough for every optimizer of the default grid to beat chance (0.1) clearly.
+    assert all(r["metric"] > 0.5 for r in records if r["lr"] == 1e-2), [(r["optimizer"], r["metric"]) for r in records]
+    for name in ("results_lr_sweep_no_warmup.png", "results_alpha.png", "results_loss_curves.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
+    tables = (tmp_path / "tables.md").read_text()
+    assert "| adamw |" in tables and "| rlion rms a=3 |" in tables
+
+    # --resume skips what is recorded: nothing new is trained, the file is unchanged.
+    before = (tmp_path / "results.jsonl").read_text()
+    study.main(["--tasks", "digits", "--epochs", "1", "--out", str(tmp_path), "--resume"])
+    assert (tmp_path / "results.jsonl").read_text() == before
+
+
+def test_unknown_task_is_a_clear_error(study, tmp_path):
+    with pytest.raises(ValueError, match="--tasks: unknown task.*valid: digits, boxes, textures"):
+        study.main(["--tasks", "mnist", "--out", str(tmp_path)])
+
+
+def test_box_iou_against_hand_computed_values(study):
+    pred = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.2, 0.2, 0.4, 0.4], [0.0, 0.0, 1.0, 1.0], [0.6, 0.6, 0.4, 0.4]])
+    target = torch.tensor([[0.25, 0.25, 0.75, 0.75], [0.2, 0.2, 0.4, 0.4], [0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
+    # overlap 0.0625 / union (0.25 + 0.25 - 0.0625); identical; target inside pred; inverted box has area 0
+    expected = torch.tensor([0.0625 / 0.4375, 1.0, 0.25, 0.0])
+    torch.testing.assert_close(study.box_iou(pred, target), expected)
+
+
+def test_generated_boxes_enclose_their_object(study):
+    """The regression target is the object's true box: the ellipse's brightness change lies inside it."""
+    images, boxes = study.make_box_images(8, size=32, seed=3)
+    assert images.shape == (8, 1, 32, 32) and boxes.shape == (8, 4)
+    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+    assert boxes.min() >= 0 and boxes.max() <= 1
+    # Same generator seed: same images (the study is reproducible).
+    again, _ = study.make_box_images(8, size=32, seed=3)
+    assert torch.equal(images, again)
+
+
+def test_texture_patches_are_standardised_and_splits_disjoint(study):
+    data = study._textures_data(patch=16, train_per_class=20, test_per_class=10)
+    assert data.x_train.shape == (60, 1, 16, 16) and data.x_test.shape == (30, 1, 16, 16)
+    torch.testing.assert_close(data.x_train.mean(dim=(1, 2, 3)), torch.zeros(60), atol=1e-4, rtol=0)
+    torch.testing.assert_close(data.x_train.std(dim=(1, 2, 3), unbiased=False), torch.ones(60), atol=1e-3, rtol=0)
+    assert sorted(data.y_train.unique().tolist()) == [0, 1, 2]
