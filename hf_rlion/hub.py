@@ -20,22 +20,29 @@ process only (``if accelerator.is_main_process:`` / ``if trainer.is_world_proces
 from __future__ import annotations
 
 import argparse
+import enum
+import glob
 import math
 import re
 import sys
+import warnings
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-from huggingface_hub.utils import get_token
+from huggingface_hub.utils import filter_repo_objects, get_token
+from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS as _HUB_IGNORE_PATTERNS
 
 __all__ = [
     "DEFAULT_IGNORE_PATTERNS",
     "HubPushError",
     "build_model_card",
+    "files_containing",
+    "optimizer_hyperparameters",
     "push_folder_to_hub",
     "redact_secrets",
+    "training_hyperparameters",
 ]
 
 # Files of a training output folder that do not belong in a model repository: transformers'
@@ -91,6 +98,10 @@ def _public_hyperparameters(name: str, values: Mapping) -> dict:
 
 
 def _yaml_safe(value):
+    if isinstance(value, enum.Enum):  # transformers' OptimizerNames, SchedulerType ... by value
+        value = value.value
+    if isinstance(value, str):
+        return redact_secrets(str(value))
     if value is None or isinstance(value, (bool, int, str)):
         return redact_secrets(value) if isinstance(value, str) else value
     if isinstance(value, float):
@@ -104,7 +115,63 @@ def _yaml_safe(value):
             return _yaml_safe(value.item())
         except (TypeError, ValueError, RuntimeError):
             pass
-    return str(getattr(value, "value", value))  # enums (transformers' SchedulerType ...) by value
+    return str(value)
+
+
+def optimizer_hyperparameters(optimizer) -> dict[str, Any]:
+    """The hyperparameters a ``torch.optim.Optimizer`` was built with, for a model card.
+
+    ``optimizer.defaults`` (lr, betas, weight_decay, alpha, alpha_scaling ... as the constructor
+    received them, so the values RLion's signature or the registry filled in), minus the entries
+    that only choose an implementation (``foreach``, ``fused``, ``capturable``, ``differentiable``)
+    and minus ``None`` values. transformers' ``Trainer.optimizer`` and Accelerate-wrapped
+    optimizers are unwrapped.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    defaults = getattr(inner, "defaults", None)
+    if not isinstance(defaults, Mapping):
+        raise ValueError(f"optimizer must be a torch.optim.Optimizer (with .defaults), got {type(optimizer).__name__}")
+    implementation_only = {"foreach", "fused", "capturable", "differentiable"}
+    return {k: _yaml_safe(v) for k, v in defaults.items() if k not in implementation_only and v is not None}
+
+
+# TrainingArguments fields that describe a run, as transformers' own Trainer model card lists them.
+_TRAINING_ARGUMENT_FIELDS = (
+    "learning_rate",
+    "weight_decay",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "num_train_epochs",
+    "max_steps",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "max_grad_norm",
+    "seed",
+    "bf16",
+    "fp16",
+    "optim",
+    "optim_args",
+)
+
+
+def training_hyperparameters(training_args, *, world_size: int | None = None) -> dict[str, Any]:
+    """The card's training hyperparameters from a ``transformers.TrainingArguments`` (or any object
+    with those attributes, e.g. an ``argparse.Namespace``): the fields in ``_TRAINING_ARGUMENT_FIELDS``
+    that are set, plus ``total_train_batch_size`` = per-device batch × accumulation × processes
+    (``world_size``, default ``training_args.world_size`` or 1). Never includes a token."""
+    values = {}
+    for name in _TRAINING_ARGUMENT_FIELDS:
+        value = getattr(training_args, name, None)
+        if value is None or (name == "max_steps" and value == -1) or (name in ("bf16", "fp16") and not value):
+            continue
+        values[name] = _yaml_safe(value)
+    per_device = getattr(training_args, "per_device_train_batch_size", None)
+    if per_device:
+        processes = world_size if world_size is not None else int(getattr(training_args, "world_size", 1) or 1)
+        accumulation = int(getattr(training_args, "gradient_accumulation_steps", 1) or 1)
+        values["total_train_batch_size"] = int(per_device) * accumulation * processes
+    return values
 
 
 def _markdown_table(header: tuple[str, str], rows: Iterable[tuple[str, object]]) -> str:
@@ -280,6 +347,30 @@ def build_model_card(
     return ModelCard(content)
 
 
+def files_containing(folder: str | Path, secret: str, relative_paths: Iterable[str]) -> list[str]:
+    """Those of ``relative_paths`` (under ``folder``) whose bytes contain ``secret``, read in 1 MiB chunks."""
+    needle = secret.encode()
+    if not needle:
+        return []
+    chunk_size, overlap = 1 << 20, len(needle) - 1
+    found = []
+    for relative in relative_paths:
+        with open(Path(folder) / relative, "rb") as file:
+            tail = b""
+            while chunk := file.read(chunk_size):
+                if needle in tail + chunk:
+                    found.append(relative)
+                    break
+                tail = chunk[-overlap:] if overlap else b""
+    return found
+
+
+def _files_to_upload(folder: Path, ignore_patterns: list[str]) -> list[str]:
+    """The relative paths upload_folder would send (same filter, same default ignores)."""
+    relative = [p.relative_to(folder).as_posix() for p in sorted(folder.glob("**/*")) if p.is_file()]
+    return list(filter_repo_objects(relative, ignore_patterns=ignore_patterns + list(_HUB_IGNORE_PATTERNS)))
+
+
 def _retry_hint(folder: Path, repo_id: str) -> str:
     return (
         f"The local output is intact in {folder}. Retry the push with:\n"
@@ -304,6 +395,10 @@ def push_folder_to_hub(
     Order (so that a failure never loses anything): the card is first written to
     ``folder/README.md``; then the token is checked (``whoami``), the repository created if
     missing (``exist_ok=True``), and the folder uploaded with ``ignore_patterns`` left out.
+
+    Files that contain the token are never uploaded: they are left out with a warning naming
+    them. (transformers' ``training_args.bin`` is a pickle of ``TrainingArguments`` and holds
+    ``--hub_token`` in clear text; pass the token through ``HF_TOKEN`` instead.)
 
     Args:
         folder: the local output folder (``save_pretrained`` output, results, card ...).
@@ -335,6 +430,15 @@ def push_folder_to_hub(
             f"Cannot push {folder} to {repo_id!r}: no Hugging Face token. Set HF_TOKEN, run "
             "`hf auth login`, or pass token=... (a token with write access). " + _retry_hint(folder, repo_id)
         )
+    ignore_patterns = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns)
+    leaking = files_containing(folder, token, _files_to_upload(folder, ignore_patterns))
+    if leaking:
+        warnings.warn(
+            f"Not pushing {', '.join(leaking)} from {folder}: the file contains your Hub token "
+            "(transformers' training_args.bin stores --hub_token; pass the token via HF_TOKEN instead).",
+            stacklevel=2,
+        )
+        ignore_patterns += [glob.escape(path) for path in leaking]
     api = HfApi(endpoint=endpoint, token=token)
     try:
         try:
@@ -355,7 +459,7 @@ def push_folder_to_hub(
             repo_id=repo_url.repo_id,
             folder_path=folder,
             commit_message=commit_message,
-            ignore_patterns=list(ignore_patterns),
+            ignore_patterns=ignore_patterns,
             repo_type="model",
         )
     except HubPushError:

@@ -292,3 +292,48 @@ def test_from_pretrained_downloads_by_repo_id_through_the_stand_in_hub(local_hub
     assert downloads and all(path.startswith(f"/{repo_id}/resolve/") for path in downloads)
     assert any(path.endswith("/model.safetensors") for path in downloads)
     assert local_hub.token not in result.stdout + result.stderr
+
+
+def test_files_holding_the_token_are_not_pushed(local_hub, tmp_path):
+    """transformers pickles TrainingArguments, --hub_token included, into training_args.bin."""
+    from transformers import TrainingArguments
+
+    folder = tmp_path / "output"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    args = TrainingArguments(str(folder), hub_token=local_hub.token, report_to=[])
+    torch.save(args, folder / "training_args.bin")
+    assert local_hub.token.encode() in (folder / "training_args.bin").read_bytes()  # the hazard is real
+
+    with pytest.warns(UserWarning, match=r"Not pushing training_args\.bin") as record:
+        push_folder_to_hub(folder, "model", token=local_hub.token, endpoint=local_hub.endpoint)
+    assert all(local_hub.token not in str(w.message) for w in record)
+    pushed = local_hub.repo_dir("model")
+    assert sorted(p.name for p in pushed.iterdir()) == ["config.json"]
+    assert (folder / "training_args.bin").is_file()  # left alone locally
+
+
+def test_hyperparameters_for_the_card_come_from_the_optimizer_and_training_arguments(tmp_path):
+    from transformers import TrainingArguments
+
+    from hf_rlion.hub import optimizer_hyperparameters, training_hyperparameters
+
+    optimizer = RLion(torch.nn.Linear(2, 2).parameters(), lr=3e-4, weight_decay=0.1)
+    hparams = optimizer_hyperparameters(optimizer)
+    assert hparams["lr"] == 3e-4 and hparams["weight_decay"] == 0.1 and hparams["betas"] == [0.9, 0.99]
+    assert "foreach" not in hparams and "fused" not in hparams
+    args = TrainingArguments(
+        str(tmp_path),
+        learning_rate=3e-4,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=4,
+        optim="rlion",
+        hub_token="hf_" + "x" * 30,
+        report_to=[],
+    )
+    training = training_hyperparameters(args, world_size=2)
+    assert training["total_train_batch_size"] == 64
+    assert type(training["optim"]) is str and training["optim"] == "rlion"  # plain str, not an enum: YAML-safe
+    assert training["lr_scheduler_type"] == "linear" and not any("token" in key for key in training)
+    with pytest.raises(ValueError, match="^optimizer must be"):
+        optimizer_hyperparameters(object())
