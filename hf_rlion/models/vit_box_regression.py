@@ -112,15 +112,16 @@ def box_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), torch.zeros_like(union))
 
 
-def generalized_box_iou(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """Element-wise GIoU = IoU - (|C| - |A u B|) / |C|, C the smallest box enclosing A and B."""
+def generalized_box_iou(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Element-wise GIoU = IoU - (|C| - |A u B|) / |C|, C the smallest box enclosing A and B
+    (both boxes must have x1 <= x2, y1 <= y2)."""
     lt = torch.maximum(pred[..., :2], target[..., :2])
     rb = torch.minimum(pred[..., 2:], target[..., 2:])
     inter = (rb - lt).clamp(min=0).prod(-1)
     union = box_area(pred) + box_area(target) - inter
-    iou = inter / (union + eps)
     enclosing = (torch.maximum(pred[..., 2:], target[..., 2:]) - torch.minimum(pred[..., :2], target[..., :2])).prod(-1)
-    return iou - (enclosing - union) / (enclosing + eps)
+    # Clamped (not eps added) so that small boxes get their exact GIoU; eps only guards 0 / 0.
+    return inter / union.clamp(min=eps) - (enclosing - union) / enclosing.clamp(min=eps)
 
 
 def ordered_corners(boxes: torch.Tensor) -> torch.Tensor:
