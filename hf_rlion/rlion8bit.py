@@ -1,16 +1,550 @@
-"""RLion with 8-bit blockwise-quantised momentum (not implemented yet: see the 8-bit issue)."""
+r"""RLion with 8-bit blockwise-quantised momentum: :class:`RLion8bit`, :class:`PagedRLion8bit`.
+
+The update rule is :class:`hf_rlion.RLion`'s, unchanged; only the storage of the momentum
+``m_t`` differs. It is kept as bitsandbytes keeps the state of its own 8-bit optimizers
+(``Lion8bit``, ``Adam8bit``):
+
+- ``state1``: uint8 codes, one per element, indices into ``qmap1``;
+- ``absmax1``: float32, ``max |m|`` of each block of 256 consecutive elements;
+- ``qmap1``: the 256-entry signed dynamic map, ``bitsandbytes.functional.create_dynamic_map(signed=True)``;
+- ``step``: float32 scalar tensor, as in :class:`RLion`.
+
+``m = qmap1[state1] * absmax1[block]``. One step: dequantise ``m`` to float32, one RLion step
+(:func:`hf_rlion.rlion.rlion_update_`), requantise. State memory is
+``1 + 4/256 ≈ 1.016`` bytes per parameter instead of 4.
+
+Two implementations, chosen automatically (``fused=`` forces one):
+
+- the reference: bitsandbytes' public ``dequantize_blockwise`` → ``rlion_update_`` →
+  ``quantize_blockwise`` (any device; temporaries the size of one tensor);
+- on CPU, for float32 parameters, a fused C kernel (``_rlion8bit_kernel.c``, built by
+  :func:`hf_rlion.native.load`) that streams each tensor once per pass with no temporaries
+  beyond one 256-element block per thread. Its codes and ``absmax`` equal the reference's
+  exactly (tested); the parameter differs from the reference only through the arctangent
+  (the fp32 RLion kernel's, within 1 ulp of the correctly rounded value, so within 2 ulp of
+  ``torch.atan``) and the summation order of the ``"rms"`` norm: about one float32 ulp of the
+  parameter per step (tested).
+
+Tensors with fewer than ``min_8bit_size`` elements, and parameters that bitsandbytes'
+``GlobalOptimManager`` marks ``optim_bits=32`` (:func:`keep_embeddings_in_32bit` does that for
+``nn.Embedding`` weights), keep RLion's ``exp_avg`` state and RLion's implementations.
+
+FSDP: not supported (see ``docs/8bit.md``); FSDP's flattened (``FlatParameter``) and
+``DTensor`` parameters are refused with a ``ValueError``. DDP works: every rank holds the
+same full state.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import inspect
+import math
+import threading
+import warnings
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Optional
 
-class RLion8bit:
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("RLion8bit is not implemented yet in this version of hf_rlion; use optim='rlion'")
+import torch
+from torch import Tensor, nn
+
+try:
+    import bitsandbytes.functional as bnb_functional
+    from bitsandbytes.optim import GlobalOptimManager
+except ImportError as _err:  # pragma: no cover - exercised in an environment without bitsandbytes
+    raise ImportError(
+        "RLion8bit / PagedRLion8bit store their state with bitsandbytes, which is not installed. "
+        "Install it with: pip install 'hf-rlion[8bit]'"
+    ) from _err
+
+from . import native
+from ._optimizer_base import RLionBase, low_precision_dtypes
+from .rlion import RLion, rlion_update_
+
+__all__ = ["RLion8bit", "PagedRLion8bit", "keep_embeddings_in_32bit", "rlion8bit_reference_update_", "BLOCKSIZE"]
+
+#: Elements per quantisation block (bitsandbytes' blockwise optimizers use 256).
+BLOCKSIZE = 256
+#: bitsandbytes allocates paged state only for tensors at least this large (its ``get_state_buffer``).
+_PAGED_MIN_NUMEL = 100_000
+_OPTIM_BITS = (8, 32)
+_TWO_OVER_PI = 2.0 / math.pi
+# Per-parameter overrides from GlobalOptimManager that we apply; bitsandbytes keys with no
+# meaning for RLion (eps, max_unorm, skip_zeros, ...) are ignored with one warning.
+_STATE_OVERRIDE_KEYS = ("optim_bits", "min_8bit_size")
+_HYPERPARAMETER_KEYS = ("lr", "betas", "weight_decay", "alpha", "alpha_scaling", "bias_correction", "maximize")
+
+# RLion's defaults, read from its signature so they are defined in one place only.
+_RLION_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(RLion.__init__).parameters.items()
+    if parameter.default is not inspect.Parameter.empty
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The reference implementation (bitsandbytes' public API + RLion's reference step)
+# --------------------------------------------------------------------------------------------
+
+
+def rlion8bit_reference_update_(
+    param: Tensor, grad: Tensor, codes: Tensor, absmax: Tensor, qmap: Tensor, step: int, **hyperparameters: Any
+) -> None:
+    """One RLion step on 8-bit state, in place: dequantise, :func:`rlion_update_`, requantise.
+
+    Uses ``bitsandbytes.functional.dequantize_blockwise`` / ``quantize_blockwise`` with
+    ``blocksize=256``; every fast path is tested against this. ``hyperparameters`` are
+    :func:`rlion_update_`'s keywords.
+    """
+    exp_avg = bnb_functional.dequantize_blockwise(codes, absmax=absmax, code=qmap, blocksize=BLOCKSIZE)
+    rlion_update_(param, grad, exp_avg, step, **hyperparameters)
+    new_codes, quant_state = bnb_functional.quantize_blockwise(exp_avg, code=qmap, blocksize=BLOCKSIZE)
+    codes.copy_(new_codes)
+    absmax.copy_(quant_state.absmax)
+
+
+# --------------------------------------------------------------------------------------------
+# The fused CPU kernel
+# --------------------------------------------------------------------------------------------
+
+_kernel_lock = threading.Lock()
+_kernel: Optional[ctypes.CDLL] = None
+_kernel_loaded = False
+_lut_cache: dict[bytes, Tensor] = {}
+
+
+def _load_kernel() -> Optional[ctypes.CDLL]:
+    """The compiled ``_rlion8bit_kernel.c`` with its signatures declared, or ``None``."""
+    global _kernel, _kernel_loaded
+    with _kernel_lock:
+        if _kernel_loaded:
+            return _kernel
+        library = native.load("_rlion8bit_kernel.c")
+        if library is not None:
+            p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+            library.rlion8bit_sumsq_f32.argtypes = [p, p, p, p, i64, f32, f32, i32, i32, i32]
+            library.rlion8bit_sumsq_f32.restype = ctypes.c_double
+            library.rlion8bit_step_f32.argtypes = [p, p, p, p, p, p, i64, f32, f32, f32, i32]
+            library.rlion8bit_step_f32.argtypes += [f32, f32, f32, i32, f32, i32, i32]
+            library.rlion8bit_step_f32.restype = None
+            library.rlion8bit_atan_f32.argtypes = [p, p, i64]
+            library.rlion8bit_atan_f32.restype = None
+        _kernel, _kernel_loaded = library, True
+        return library
+
+
+def kernel_available() -> bool:
+    """Whether the fused CPU kernel could be built and loaded here."""
+    return _load_kernel() is not None
+
+
+def quantize_lut(qmap: Tensor) -> Tensor:
+    """The 65536-entry table bitsandbytes' CPU ``quantize_blockwise`` uses to find a code.
+
+    Entry ``i`` is the code nearest to ``v = -1 + 2i/65535`` (the number of midpoints between
+    consecutive ``qmap`` entries that lie below ``v``); a normalised value ``v`` is looked up at
+    ``round((v + 1) / 2 · 65535)``. Built in float32 with bitsandbytes' own operation order, so
+    codes match its ``quantize_blockwise`` exactly (tested).
+    """
+    qmap_cpu = qmap.detach().to("cpu", torch.float32).contiguous()
+    key = qmap_cpu.numpy().tobytes()
+    table = _lut_cache.get(key)
+    if table is None:
+        midpoints = 0.5 * (qmap_cpu[:-1] + qmap_cpu[1:])
+        grid = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32)) / 65535
+        table = torch.searchsorted(midpoints, grid, right=False).to(torch.uint8).contiguous()
+        _lut_cache[key] = table
+    return table
+
+
+def _kernel_unsupported_reason(param: Tensor, grad: Tensor, codes: Tensor, qmap: Tensor) -> str:
+    if param.device.type != "cpu":
+        return f"parameters on {param.device.type} (the kernel is CPU-only)"
+    if param.dtype != torch.float32 or grad.dtype != torch.float32:
+        return f"{param.dtype} parameters / {grad.dtype} gradients (the kernel takes float32)"
+    if not (param.is_contiguous() and codes.is_contiguous()):
+        return "non-contiguous parameters or state"
+    if qmap.numel() != 256 or qmap.dtype != torch.float32:
+        return "a quantisation map that is not 256 float32 entries"
+    return ""
+
+
+def _float32(value: float) -> float:
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
+def fused_update_(
+    library: ctypes.CDLL,
+    param: Tensor,
+    grad: Tensor,
+    codes: Tensor,
+    absmax: Tensor,
+    qmap: Tensor,
+    step: int,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    alpha: float,
+    alpha_scaling: str,
+    bias_correction: bool,
+    maximize: bool,
+) -> None:
+    """The same step as :func:`rlion8bit_reference_update_`, by the C kernel (float32, CPU).
+
+    The per-tensor α of ``alpha_scaling="rms"`` is computed as :func:`hf_rlion.rlion._effective_alpha`
+    computes it (each intermediate rounded to float32), from a first pass that sums ĉ².
+    """
+    grad = grad.contiguous()
+    n = param.numel()
+    lut = quantize_lut(qmap)
+    qmap = qmap.contiguous()
+    threads = max(torch.get_num_threads(), 1)
+    bias_div = 1.0 - beta1**step
+    w1, w2 = 1.0 - beta1, 1.0 - beta2
+    if alpha_scaling == "fixed":
+        effective_alpha = alpha
+    else:
+        sumsq = library.rlion8bit_sumsq_f32(
+            grad.data_ptr(), codes.data_ptr(), absmax.data_ptr(), qmap.data_ptr(), n,
+            w1, bias_div, int(bias_correction), int(maximize), threads,
+        )  # fmt: skip
+        norm = _float32(math.sqrt(sumsq))
+        rms = max(_float32(norm / _float32(math.sqrt(max(n, 1)))), torch.finfo(torch.float32).tiny)
+        effective_alpha = _float32(_float32(alpha) / rms)
+    library.rlion8bit_step_f32(
+        param.data_ptr(), grad.data_ptr(), codes.data_ptr(), absmax.data_ptr(), qmap.data_ptr(), lut.data_ptr(), n,
+        w1, w2, bias_div, int(bias_correction), effective_alpha, _TWO_OVER_PI,
+        1.0 - lr * weight_decay, int(weight_decay != 0.0), -lr, int(maximize), threads,
+    )  # fmt: skip
+
+
+def fast_atan(x: Tensor) -> Tensor:
+    """The kernel's arctangent on a float32 CPU tensor (for tests and accuracy checks)."""
+    library = _load_kernel()
+    if library is None:
+        raise RuntimeError("the hf_rlion 8-bit CPU kernel is not available here")
+    x = x.detach().to("cpu", torch.float32).contiguous()
+    out = torch.empty_like(x)
+    library.rlion8bit_atan_f32(x.data_ptr(), out.data_ptr(), x.numel())
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# GlobalOptimManager (bitsandbytes' per-parameter overrides)
+# --------------------------------------------------------------------------------------------
+
+
+def keep_embeddings_in_32bit(model: nn.Module) -> int:
+    """Ask for 32-bit state on every ``nn.Embedding`` weight of ``model``; returns how many.
+
+    Does what transformers' Trainer does before building a bitsandbytes 8-bit optimizer:
+    ``GlobalOptimManager.get_instance().register_module_override(module, "weight", {"optim_bits": 32})``
+    (embedding rows are updated sparsely and suffer most from 8-bit state; bitsandbytes'
+    ``StableEmbedding`` advice). Idempotent: a module already registered is not added again.
+    """
+    manager = GlobalOptimManager.get_instance()
+    registered = {id(module) for module, attr, _ in manager.module_weight_config_triple if attr == "weight"}
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            if id(module) not in registered:
+                manager.register_module_override(module, "weight", {"optim_bits": 32})
+                registered.add(id(module))
+            count += 1
+    return count
+
+
+def _manager_overrides(param: Tensor, group_index: int, param_index: int) -> dict[str, Any]:
+    """bitsandbytes' override config for one parameter (same sources, same precedence as its ``get_config``)."""
+    manager = GlobalOptimManager.get_instance()
+    config: dict[str, Any] = {}
+    for module, attr, module_config in manager.module_weight_config_triple:
+        if getattr(module, attr, None) is param:
+            config.update(module_config)
+    config.update(manager.index2config.get((group_index, param_index), {}))
+    config.update(manager.pid2config.get(id(param), {}))
+    return config
+
+
+# --------------------------------------------------------------------------------------------
+# The optimizers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_not_fsdp(param: Tensor) -> None:
+    kind = type(param).__name__
+    flat_param_types: tuple[type, ...] = ()
+    dtensor_types: tuple[type, ...] = ()
+    if torch.distributed.is_available():
+        try:
+            from torch.distributed.fsdp._flat_param import FlatParameter
+
+            flat_param_types = (FlatParameter,)
+        except ImportError:  # pragma: no cover - older/newer torch layouts
+            pass
+        try:
+            from torch.distributed.tensor import DTensor
+
+            dtensor_types = (DTensor,)
+        except ImportError:  # pragma: no cover
+            pass
+    if (flat_param_types and isinstance(param, flat_param_types)) or (
+        dtensor_types and isinstance(param, dtensor_types)
+    ):
+        raise ValueError(
+            f"RLion8bit got an FSDP-sharded parameter ({kind}); 8-bit RLion state is per whole tensor "
+            "(blockwise codes and the per-tensor RMS of alpha_scaling='rms') and does not support FSDP. "
+            "Use DDP (every rank holds the full state), or optim='rlion' with FSDP. See docs/8bit.md."
+        )
+
+
+class RLion8bit(RLionBase):
+    r"""RLion with its momentum stored in 8 bits (bitsandbytes' blockwise dynamic quantisation).
+
+    Same update as :class:`hf_rlion.RLion` (see its docstring for the formulas); the momentum
+    ``m_t`` is dequantised to float32 for the step and requantised after it, per block of 256
+    elements with a float32 ``absmax`` per block.
+
+    Args:
+        params, lr, betas, weight_decay, alpha, alpha_scaling, bias_correction, maximize: as
+            :class:`hf_rlion.RLion`, with its defaults (read from its signature).
+        min_8bit_size (int): tensors with fewer elements keep float32 ``exp_avg`` state (as
+            :class:`RLion`). Default ``4096``, bitsandbytes'. The state of such small tensors
+            is a negligible part of a model, and the per-block ``absmax`` would cost more
+            there.
+        optim_bits (int): ``8`` (default) or ``32``; ``32`` gives every tensor RLion's 32-bit
+            state (as bitsandbytes' ``optim_bits``). Per-parameter overrides of ``optim_bits``,
+            ``min_8bit_size`` and the hyperparameters set through bitsandbytes'
+            ``GlobalOptimManager`` are applied, read when a parameter first gets state.
+        foreach (bool, optional): implementation switch for the 32-bit-state tensors, as in
+            :class:`RLion`.
+        fused (bool, optional): ``None`` (default) uses the fused C kernel for float32 CPU
+            tensors when it is available and the bitsandbytes reference otherwise; ``True``
+            requires the kernel (``RuntimeError`` where it cannot run); ``False`` always uses
+            the reference.
+
+    Not taken from bitsandbytes' 8-bit optimizers: ``percentile_clipping`` (clip gradients
+    before the optimizer instead), ``block_wise=False`` (bitsandbytes itself only uses the
+    blockwise layout on current devices), ``max_unorm``, ``skip_zeros``.
+
+    The state round-trips through ``state_dict`` / ``torch.save`` /
+    ``torch.load(weights_only=True)`` / ``load_state_dict`` with its dtypes kept (uint8 codes,
+    float32 absmax, also for bfloat16 parameters).
+    """
+
+    _paged = False
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = _RLION_DEFAULTS["lr"],
+        betas: tuple[float, float] = _RLION_DEFAULTS["betas"],
+        weight_decay: float = _RLION_DEFAULTS["weight_decay"],
+        alpha: float = _RLION_DEFAULTS["alpha"],
+        alpha_scaling: str = _RLION_DEFAULTS["alpha_scaling"],
+        bias_correction: bool = _RLION_DEFAULTS["bias_correction"],
+        maximize: bool = _RLION_DEFAULTS["maximize"],
+        *,
+        min_8bit_size: int = 4096,
+        optim_bits: int = 8,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            weight_decay=weight_decay,
+            alpha=alpha,
+            alpha_scaling=alpha_scaling,
+            bias_correction=bias_correction,
+            maximize=maximize,
+            min_8bit_size=min_8bit_size,
+            optim_bits=optim_bits,
+            foreach=foreach,
+            fused=fused,
+        )
+        _validate_8bit_options(defaults)
+        self._overrides: dict[int, dict[str, Any]] = {}
+        self._warned_paging = False
+        self._warned_ignored_overrides = False
+        super().__init__(params, defaults)
+
+    # -- construction -------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _validate_8bit_options(group)
+        for p in group["params"]:
+            _check_not_fsdp(p)
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def _resolve_overrides(self, param: Tensor, group_index: int, param_index: int) -> dict[str, Any]:
+        config = _manager_overrides(param, group_index, param_index)
+        ignored = sorted(set(config) - set(_STATE_OVERRIDE_KEYS) - set(_HYPERPARAMETER_KEYS))
+        if ignored and not self._warned_ignored_overrides:
+            self._warned_ignored_overrides = True
+            warnings.warn(
+                f"{type(self).__name__}: GlobalOptimManager override keys {ignored} have no meaning for RLion and "
+                f"are ignored (applied: {', '.join(_STATE_OVERRIDE_KEYS + _HYPERPARAMETER_KEYS)})",
+                stacklevel=3,
+            )
+        return {k: v for k, v in config.items() if k not in ignored}
+
+    def _state_buffer(self, param: Tensor) -> Tensor:
+        """uint8 codes shaped like ``param``; bitsandbytes paged memory for large CUDA tensors when paged."""
+        if self._paged:
+            if param.device.type == "cuda" and param.numel() >= _PAGED_MIN_NUMEL:
+                buffer = bnb_functional.get_paged(*param.shape, dtype=torch.uint8, device=param.device)
+                bnb_functional.fill(buffer, 0)
+                bnb_functional.GlobalPageManager.get_instance().paged_tensors.append(buffer)
+                return buffer
+            if param.device.type != "cuda" and not self._warned_paging:
+                self._warned_paging = True
+                warnings.warn(
+                    f"{type(self).__name__}: paged state needs CUDA unified memory; on {param.device.type} the "
+                    "state is ordinary memory (the optimizer behaves exactly like RLion8bit)",
+                    stacklevel=4,
+                )
+        return torch.zeros_like(param, dtype=torch.uint8, memory_format=torch.contiguous_format)
+
+    def _init_state(self, param: Tensor, state: dict, group: dict, overrides: dict) -> None:
+        optim_bits = overrides.get("optim_bits", group["optim_bits"])
+        min_8bit_size = overrides.get("min_8bit_size", group["min_8bit_size"])
+        _validate_8bit_options({"optim_bits": optim_bits, "min_8bit_size": min_8bit_size}, source="override")
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        if optim_bits == 8 and param.numel() >= min_8bit_size:
+            blocks = -(-param.numel() // BLOCKSIZE)
+            state["state1"] = self._state_buffer(param)
+            state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=param.device)
+            state["qmap1"] = _signed_dynamic_map(param.device)
+        else:
+            state_dtype = torch.float32 if param.dtype in low_precision_dtypes else param.dtype
+            state["exp_avg"] = torch.zeros_like(param, dtype=state_dtype, memory_format=torch.preserve_format)
+
+    # -- step -----------------------------------------------------------------------------------
+
+    def _hyperparameters(self, group: dict, overrides: dict) -> dict[str, Any]:
+        merged = {k: overrides.get(k, group[k]) for k in _HYPERPARAMETER_KEYS}
+        beta1, beta2 = merged.pop("betas")
+        return dict(merged, beta1=beta1, beta2=beta2)
+
+    def _use_kernel(self, group: dict, param: Tensor, grad: Tensor, state: dict) -> Optional[ctypes.CDLL]:
+        fused = group["fused"]
+        if fused is False:
+            return None
+        reason = _kernel_unsupported_reason(param, grad, state["state1"], state["qmap1"])
+        library = _load_kernel() if not reason else None
+        if library is None and not reason:
+            reason = "the C kernel could not be built (see the earlier warning)"
+        if fused and reason:
+            raise RuntimeError(f"{type(self).__name__}(fused=True): the fused 8-bit CPU kernel cannot run: {reason}")
+        return library
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        """Performs a single optimization step.
+
+        Args:
+            closure (Callable, optional): re-evaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        any_paged = False
+        for group_index, group in enumerate(self.param_groups):
+            positions = {id(p): i for i, p in enumerate(group["params"])}
+            # RLion-state tensors, batched by their (possibly overridden) hyperparameters.
+            batches: dict[tuple, tuple[list, list, list, list]] = defaultdict(lambda: ([], [], [], []))
+            for p in self._skip_nonfinite(list(self._params_with_grad(group))):
+                state = self.state[p]
+                if id(p) not in self._overrides:
+                    self._overrides[id(p)] = self._resolve_overrides(p, group_index, positions[id(p)])
+                overrides = self._overrides[id(p)]
+                if len(state) == 0:
+                    self._init_state(p, state, group, overrides)
+                state["step"] += 1
+                step = int(state["step"].item())
+                hyperparameters = self._hyperparameters(group, overrides)
+                if "state1" not in state:
+                    params, grads, exp_avgs, steps = batches[tuple(sorted(hyperparameters.items()))]
+                    params.append(p)
+                    grads.append(p.grad)
+                    exp_avgs.append(state["exp_avg"])
+                    steps.append(step)
+                    continue
+                if getattr(state["state1"], "is_paged", False):
+                    any_paged = True
+                    bnb_functional.prefetch_tensor(state["state1"])
+                library = self._use_kernel(group, p, p.grad, state)
+                if library is not None:
+                    fused_update_(
+                        library, p, p.grad, state["state1"], state["absmax1"], state["qmap1"], step, **hyperparameters
+                    )
+                else:
+                    rlion8bit_reference_update_(
+                        p, p.grad, state["state1"], state["absmax1"], state["qmap1"], step, **hyperparameters
+                    )
+            for key, (params, grads, exp_avgs, steps) in batches.items():
+                hyperparameters = dict(key)
+                # RLion's own choice of implementation (fused CPU kernel / foreach / per tensor).
+                rlion_group = {"fused": None if group["fused"] else group["fused"], "foreach": group["foreach"]}
+                implementation = RLion._implementation(self, rlion_group, params)
+                implementation(params, grads, exp_avgs, steps, **hyperparameters)
+        if any_paged and torch.cuda.is_available():
+            torch.cuda.synchronize()  # paged prefetches are asynchronous, as in bitsandbytes
+        return loss
+
+    # -- introspection --------------------------------------------------------------------------
+
+    def state_bytes(self) -> int:
+        """Bytes held by the optimizer state tensors (codes, absmax, qmap, exp_avg, step)."""
+        seen: set[int] = set()
+        total = 0
+        for state in self.state.values():
+            for value in state.values():
+                if isinstance(value, Tensor) and value.data_ptr() not in seen:
+                    seen.add(value.data_ptr())
+                    total += value.numel() * value.element_size()
+        return total
 
 
 class PagedRLion8bit(RLion8bit):
-    pass
+    """:class:`RLion8bit` with its 8-bit state in bitsandbytes' paged (CUDA unified) memory.
+
+    On CUDA, codes of tensors with at least 100 000 elements (bitsandbytes' threshold) are
+    allocated with ``bitsandbytes.functional.get_paged`` and prefetched before their step, so
+    the driver can evict them to CPU memory under GPU memory pressure. Not run in this
+    project's CI (no GPU). On CPU there is nothing to page: it warns once and behaves exactly
+    like :class:`RLion8bit`. Paged buffers are not preserved by ``load_state_dict`` (the loaded
+    state is ordinary device memory), as in bitsandbytes.
+    """
+
+    _paged = True
 
 
-def keep_embeddings_in_32bit(model) -> None:
-    """Ask for 32-bit state on nn.Embedding weights, as Trainer does for bitsandbytes' 8-bit optimizers."""
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+_qmaps: dict[torch.device, Tensor] = {}
+
+
+def _signed_dynamic_map(device: torch.device) -> Tensor:
+    """bitsandbytes' signed dynamic map on ``device``, one shared tensor per device (as bitsandbytes shares it)."""
+    device = torch.device(device)
+    if device not in _qmaps:
+        _qmaps[device] = bnb_functional.create_dynamic_map(signed=True).to(device)
+    return _qmaps[device]
+
+
+def _validate_8bit_options(options: dict, source: str = "argument") -> None:
+    bits = options.get("optim_bits")
+    if isinstance(bits, bool) or bits not in _OPTIM_BITS:
+        raise ValueError(f"optim_bits must be one of {list(_OPTIM_BITS)} ({source}), got {bits!r}")
+    size = options.get("min_8bit_size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"min_8bit_size must be an integer >= 0 ({source}), got {size!r}")

@@ -1,0 +1,336 @@
+"""RLion8bit / PagedRLion8bit: 8-bit state that behaves like RLion's, stores 1 byte per element,
+round-trips through checkpoints bit for bit, and a C kernel that reproduces bitsandbytes' codes."""
+
+from __future__ import annotations
+
+import importlib
+import io
+import math
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+bnb = pytest.importorskip("bitsandbytes")
+import bitsandbytes.functional as bnb_functional  # noqa: E402
+from bitsandbytes.optim import GlobalOptimManager  # noqa: E402
+
+import hf_rlion  # noqa: E402
+from hf_rlion import RLion  # noqa: E402
+from hf_rlion import rlion8bit as r8  # noqa: E402
+from hf_rlion.rlion8bit import PagedRLion8bit, RLion8bit, keep_embeddings_in_32bit  # noqa: E402
+
+needs_kernel = pytest.mark.skipif(not r8.kernel_available(), reason="no C compiler: the fused 8-bit kernel is absent")
+
+
+def f32_ulp(x: torch.Tensor) -> torch.Tensor:
+    """Size of one float32 ulp at |x| (at least the smallest normal's)."""
+    ax = x.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.nextafter(ax, torch.full_like(ax, math.inf)) - ax
+
+
+def pair(shape, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    base = torch.randn(shape, dtype=dtype)
+    return nn.Parameter(base.clone()), nn.Parameter(base.clone())
+
+
+# ---------------------------------------------------------------------------------------------
+# the fused kernel against bitsandbytes' public quantize/dequantize + RLion's reference step
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(alpha_scaling="rms"),
+        dict(alpha_scaling="rms", bias_correction=True, maximize=True),
+        dict(alpha_scaling="fixed", alpha=500.0, weight_decay=0.1),
+        dict(alpha_scaling="fixed", alpha=50.0, betas=(0.3, 0.2), bias_correction=True),  # lerp weights >= 0.5
+    ],
+)
+def test_kernel_reproduces_bitsandbytes_codes_exactly(options):
+    """Codes and absmax equal the bitsandbytes reference bit for bit over several steps; the parameter
+    differs only through the arctangent (<= 2 ulp apart) and the RMS summation order."""
+    # 20_001 elements: 79 blocks, the last one partial; one block of exact zeros.
+    p_ref, p_fast = pair((20_001,))
+    ref = RLion8bit([p_ref], lr=1e-2, fused=False, **options)
+    fast = RLion8bit([p_fast], lr=1e-2, fused=True, **options)
+    for step in range(5):
+        grad = torch.randn(20_001) * 10.0 ** torch.randint(-6, 2, (20_001,))
+        grad[256:512] = 0.0
+        p_ref.grad, p_fast.grad = grad.clone(), grad.clone()
+        ref.step()
+        fast.step()
+        a, b = ref.state[p_ref], fast.state[p_fast]
+        assert torch.equal(a["state1"], b["state1"]), f"codes differ at step {step}"
+        assert torch.equal(a["absmax1"], b["absmax1"]), f"absmax differs at step {step}"
+        # per step: one rounding of p, and a relative error ~1e-7 in u (|u| < 1) times lr
+        assert ((p_ref - p_fast).abs() <= (step + 1) * (2 * f32_ulp(p_ref) + 1e-6 * 1e-2)).all()
+    assert (a["absmax1"][1] == 0) and (a["state1"][256:512] == b["state1"][256:512]).all()
+
+
+def test_reference_first_step_equals_rlion_and_momentum_is_quantised_within_the_map_gap():
+    """From zero momentum (exactly representable) the first 8-bit step is RLion's, bit for bit; the stored
+    momentum is (1-β2)·g to within half the dynamic map's widest gap (0.0070) plus the width of one bin of
+    bitsandbytes' CPU lookup table (2/65535), times the block's absmax."""
+    p8, p32 = pair((64, 300))
+    grad = torch.randn(64, 300)
+    p8.grad, p32.grad = grad.clone(), grad.clone()
+    opt8 = RLion8bit([p8], lr=1e-2, fused=False)
+    opt32 = RLion([p32], lr=1e-2, foreach=False, fused=False)
+    opt8.step()
+    opt32.step()
+    assert torch.equal(p8, p32)
+    state = opt8.state[p8]
+    assert state["state1"].dtype == torch.uint8 and state["state1"].shape == p8.shape
+    assert state["absmax1"].dtype == torch.float32 and state["absmax1"].numel() == math.ceil(64 * 300 / 256)
+    assert torch.equal(state["qmap1"], bnb_functional.create_dynamic_map(signed=True))
+    stored = bnb_functional.dequantize_blockwise(state["state1"], absmax=state["absmax1"], code=state["qmap1"], blocksize=256)
+    exact = opt32.state[p32]["exp_avg"].flatten()
+    gap = (state["qmap1"][1:] - state["qmap1"][:-1]).max() / 2 + 2 / 65535
+    per_element_absmax = state["absmax1"].repeat_interleave(256)[: exact.numel()]
+    assert ((stored.flatten() - exact).abs() <= gap * per_element_absmax * (1 + 1e-6)).all()
+
+
+@needs_kernel
+def test_kernel_arctan_is_the_fp32_rlion_kernels_and_within_one_ulp_of_torch():
+    from hf_rlion import fused_cpu
+
+    torch.manual_seed(0)
+    exponents = torch.randint(-45, 39, (400_000,)).float()
+    special = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1e-45, -1e-45, 3.4e38, 1.0, -1.0])
+    x = torch.cat([torch.randn(400_000) * 10.0**exponents, special])
+    ours, theirs = r8.fast_atan(x), torch.atan(x)
+    finite = theirs.isfinite()
+    ulps = (ours.view(torch.int32).long() - theirs.view(torch.int32).long()).abs()
+    assert ulps[finite].max() <= 1
+    assert torch.equal(ours[-10:].isnan(), theirs[-10:].isnan())
+    assert torch.equal(torch.signbit(ours[-10:-8]), torch.tensor([False, True]))  # atan(±0) = ±0
+    if fused_cpu.kernel_available():
+        assert torch.equal(ours.view(torch.int32), fused_cpu.atan(x).view(torch.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# state layout and memory
+# ---------------------------------------------------------------------------------------------
+
+
+def test_state_memory_is_at_most_1_02_bytes_per_parameter_for_large_tensors():
+    params = [nn.Parameter(torch.zeros(1024, 1024)) for _ in range(2)]
+    opt = RLion8bit(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    measured = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()) / sum(
+        p.numel() for p in params
+    )
+    assert measured <= 1.02, measured
+    assert opt.state_bytes() / sum(p.numel() for p in params) <= measured  # the shared qmap counted once
+    fp32 = RLion(params, lr=1e-3)
+    fp32.step()
+    fp32_bytes = sum(v.numel() * v.element_size() for s in fp32.state.values() for v in s.values())
+    assert fp32_bytes / sum(p.numel() for p in params) >= 4.0
+
+
+def test_small_tensors_overrides_and_embeddings_keep_rlion_state_and_step_like_rlion():
+    torch.manual_seed(0)
+    model = nn.ModuleDict(
+        {"emb": nn.Embedding(100, 64), "big": nn.Linear(128, 64, bias=True), "overridden": nn.Linear(128, 64)}
+    )
+    twin = nn.ModuleDict(
+        {"emb": nn.Embedding(100, 64), "big": nn.Linear(128, 64, bias=True), "overridden": nn.Linear(128, 64)}
+    )
+    twin.load_state_dict(model.state_dict())
+    assert keep_embeddings_in_32bit(model) == 1
+    assert keep_embeddings_in_32bit(model) == 1  # idempotent: registered once
+    manager = GlobalOptimManager.get_instance()
+    assert sum(m is model["emb"] for m, _, _ in manager.module_weight_config_triple) == 1
+    manager.override_config(model["overridden"].weight, "optim_bits", 32)
+    opt = RLion8bit(model.parameters(), lr=1e-2)  # default min_8bit_size 4096: the biases (64) stay 32-bit
+    ref = RLion(twin.parameters(), lr=1e-2)
+    for _ in range(3):
+        # separate inputs, so each module's gradient depends only on its own weights
+        x, h = torch.randint(0, 100, (8,)), torch.randn(8, 128)
+        for m, o in ((model, opt), (twin, ref)):
+            o.zero_grad()
+            (m["emb"](x).square().mean() + m["big"](h).square().mean() + m["overridden"](h).square().mean()).backward()
+            o.step()
+    state = lambda p: opt.state[p]  # noqa: E731
+    assert "exp_avg" in state(model["emb"].weight) and "state1" not in state(model["emb"].weight)
+    assert "exp_avg" in state(model["overridden"].weight)
+    assert "exp_avg" in state(model["big"].bias)
+    assert state(model["big"].weight)["state1"].dtype == torch.uint8
+    # the 32-bit-state tensors run RLion itself: identical to a plain RLion on the twin
+    for name in ("emb.weight", "overridden.weight", "overridden.bias"):
+        assert torch.equal(model.get_parameter(name), twin.get_parameter(name)), name
+    manager.pid2config.pop(id(model["overridden"].weight))
+
+
+def test_manager_hyperparameter_override_applies_to_that_parameter_only():
+    a, b = nn.Parameter(torch.ones(5000)), nn.Parameter(torch.ones(5000))
+    manager = GlobalOptimManager.get_instance()
+    manager.override_config(b, key_value_dict={"lr": 0.0, "eps": 1e-8})
+    try:
+        opt = RLion8bit([a, b], lr=1e-2)
+        a.grad, b.grad = torch.ones(5000), torch.ones(5000)
+        with pytest.warns(UserWarning, match="eps"):
+            opt.step()
+        assert (a < 1).all() and torch.equal(b, torch.ones(5000))
+    finally:
+        manager.pid2config.pop(id(b))
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def _model(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(40, 200), nn.Tanh(), nn.Linear(200, 30)).to(dtype)
+
+
+def _train(model, opt, steps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(16, 40, generator=gen).to(next(model.parameters()).dtype)
+        opt.zero_grad()
+        model(x).float().square().mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("dtype,fused", [(torch.float32, None), (torch.float32, False), (torch.bfloat16, None)])
+def test_save_torch_load_weights_only_and_continue_bit_identically(dtype, fused):
+    model = _model(dtype)
+    opt = RLion8bit(model.parameters(), lr=1e-2, weight_decay=0.1, min_8bit_size=1000, fused=fused)
+    _train(model, opt, 3, seed=1)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    resumed = _model(dtype, seed=123)
+    resumed.load_state_dict(saved["model"])
+    opt2 = RLion8bit(resumed.parameters(), lr=0.5, min_8bit_size=1000, fused=fused)  # lr etc. come from the file
+    opt2.load_state_dict(saved["optim"])
+    first = opt2.state[resumed[0].weight]
+    assert first["state1"].dtype == torch.uint8 and first["absmax1"].dtype == torch.float32  # also for bf16
+    assert opt2.state[resumed[0].bias]["exp_avg"].dtype == torch.float32  # 200 < min_8bit_size: RLion state
+    _train(model, opt, 3, seed=2)
+    _train(resumed, opt2, 3, seed=2)
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, opt2.state[q][key]), key
+
+
+# ---------------------------------------------------------------------------------------------
+# arguments, errors, variants
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(min_8bit_size=-1), "min_8bit_size"),
+        (dict(min_8bit_size="4096"), "min_8bit_size"),
+        (dict(optim_bits=16), r"optim_bits must be one of \[8, 32\]"),
+        (dict(lr=-1.0), "lr"),
+        (dict(alpha_scaling="auto"), "alpha_scaling must be one of"),
+        (dict(betas=(0.9, 1.0)), "beta2"),
+        (dict(alpha=0.0), "alpha"),
+        (dict(fused="yes"), "fused"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_them(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RLion8bit([nn.Parameter(torch.zeros(3))], **kwargs)
+
+
+def test_bad_override_raises_value_error_at_first_step():
+    p = nn.Parameter(torch.zeros(5000))
+    manager = GlobalOptimManager.get_instance()
+    manager.override_config(p, "optim_bits", 4)
+    try:
+        opt = RLion8bit([p])
+        p.grad = torch.ones(5000)
+        with pytest.raises(ValueError, match=r"optim_bits must be one of \[8, 32\] \(override\)"):
+            opt.step()
+    finally:
+        manager.pid2config.pop(id(p))
+
+
+def test_defaults_are_rlions():
+    import inspect
+
+    ours = inspect.signature(RLion8bit.__init__).parameters
+    for name, parameter in inspect.signature(RLion.__init__).parameters.items():
+        if parameter.default is not inspect.Parameter.empty:
+            assert ours[name].default == parameter.default, name
+
+
+def test_fused_true_where_the_kernel_cannot_run_is_an_error():
+    p = nn.Parameter(torch.zeros(5000, dtype=torch.bfloat16))
+    p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="fused=True.*bfloat16"):
+        RLion8bit([p], fused=True).step()
+
+
+def test_paged_on_cpu_warns_once_and_steps_exactly_like_rlion8bit():
+    p_paged, p_plain = pair((300, 300))
+    paged, plain = PagedRLion8bit([p_paged], lr=1e-2), RLion8bit([p_plain], lr=1e-2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            grad = torch.randn(300, 300)
+            p_paged.grad, p_plain.grad = grad.clone(), grad.clone()
+            paged.step()
+            plain.step()
+    assert sum("paged state needs CUDA" in str(w.message) for w in caught) == 1
+    assert torch.equal(p_paged, p_plain)
+
+
+def test_nonfinite_gradient_leaves_param_and_8bit_state_unchanged():
+    p = nn.Parameter(torch.randn(5000))
+    opt = RLion8bit([p], lr=1e-2)
+    p.grad = torch.randn(5000)
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    param_before = p.detach().clone()
+    p.grad[7] = math.nan
+    with pytest.warns(RuntimeWarning, match="NaN/inf"):
+        opt.step()
+    assert torch.equal(p, param_before) and opt.nonfinite_skips == 1
+    for key, value in before.items():
+        assert torch.equal(opt.state[p][key], value), key
+
+
+def test_fsdp_dtensor_parameters_are_refused(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = nn.Parameter(distribute_tensor(torch.zeros(8, 8), mesh, [Shard(0)]))
+        with pytest.raises(ValueError, match="FSDP.*DDP"):
+            RLion8bit([sharded])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_missing_bitsandbytes_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+    monkeypatch.setitem(sys.modules, "bitsandbytes.optim", None)
+    monkeypatch.delitem(sys.modules, "hf_rlion.rlion8bit")
+    with pytest.raises(ImportError, match=r"pip install 'hf-rlion\[8bit\]'"):
+        importlib.import_module("hf_rlion.rlion8bit")
+    with pytest.raises(ImportError, match=r"pip install 'hf-rlion\[8bit\]'"):
+        hf_rlion.create_optimizer(nn.Linear(2, 2), "rlion_8bit")
