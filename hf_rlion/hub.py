@@ -254,9 +254,15 @@ def build_model_card(
         ValueError: naming the argument, for an empty name/task/dataset/optimizer, a metric that
             is not a finite number, or hyperparameters that are not a dict.
     """
+    # transformers passes some names as str-valued enums (training_args.optim is OptimizerNames):
+    # use their values, so the card says "rlion", not "OptimizerNames.RLION".
+    model_name, task, dataset_name, optimizer = (
+        value.value if isinstance(value, enum.Enum) else value for value in (model_name, task, dataset_name, optimizer)
+    )
     for argument, value in (("model_name", model_name), ("task", task), ("dataset_name", dataset_name), ("optimizer", optimizer)):
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{argument} must be a non-empty string, got {value!r}")
+    model_name, task, dataset_name, optimizer = (str(v).strip() for v in (model_name, task, dataset_name, optimizer))
     if not isinstance(metrics, Mapping):
         raise ValueError(f"metrics must be a dict of metric name -> number, got {type(metrics).__name__}")
     clean_metrics: dict[str, float] = {}

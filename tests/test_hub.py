@@ -337,3 +337,80 @@ def test_hyperparameters_for_the_card_come_from_the_optimizer_and_training_argum
     assert training["lr_scheduler_type"] == "linear" and not any("token" in key for key in training)
     with pytest.raises(ValueError, match="^optimizer must be"):
         optimizer_hyperparameters(object())
+
+
+TRAINER_RECIPE_FLOW = '''
+import sys
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import HfArgumentParser, Trainer, TrainingArguments
+
+import hf_rlion  # registers --optim rlion
+from hf_rlion.hub import build_model_card, optimizer_hyperparameters, push_folder_to_hub, training_hyperparameters
+from test_hub import digits_images, tiny_vit
+
+(training_args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses()
+push_to_hub = training_args.push_to_hub
+training_args.push_to_hub = False  # docs/hub.md: the Trainer must not push by itself
+images, labels = digits_images(64)
+dataset = Dataset.from_dict({"pixel_values": images.numpy(), "labels": labels.numpy()}).with_format("torch")
+trainer = Trainer(model=tiny_vit(), args=training_args, train_dataset=dataset, eval_dataset=dataset,
+                  compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())})
+trainer.train()
+metrics = trainer.evaluate()
+trainer.save_model()
+if push_to_hub and trainer.is_world_process_zero():
+    card = build_model_card(
+        model_name=training_args.hub_model_id, task="image-classification", dataset_name="sklearn-digits",
+        metrics={"eval_accuracy": metrics["eval_accuracy"]}, optimizer=training_args.optim,
+        optimizer_hyperparameters=optimizer_hyperparameters(trainer.optimizer),
+        training_hyperparameters=training_hyperparameters(training_args),
+        reproduce_command="python " + " ".join(sys.argv),
+    )
+    url = push_folder_to_hub(training_args.output_dir, training_args.hub_model_id, card=card,
+                             token=training_args.hub_token, private=training_args.hub_private_repo)
+    print("Pushed to", url)
+'''
+
+
+def test_trainer_recipe_flow_pushes_its_card_and_nothing_else(local_hub, tmp_path):
+    """The integration docs/hub.md gives the Trainer recipe, run as a subprocess with --hub_token on
+    the command line (the worst case): one commit, our card, no checkpoint, no token anywhere."""
+    from transformers import ViTForImageClassification
+
+    script = tmp_path / "recipe_flow.py"
+    script.write_text(TRAINER_RECIPE_FLOW)
+    output_dir = tmp_path / "out"
+    command = [
+        sys.executable, str(script), "--output_dir", str(output_dir), "--optim", "rlion", "--learning_rate", "1e-3",
+        "--num_train_epochs", "1", "--per_device_train_batch_size", "16", "--save_strategy", "epoch",
+        "--report_to", "none", "--use_cpu", "--disable_tqdm", "true",
+        "--push_to_hub", "--hub_model_id", "vit-trainer-rlion", "--hub_token", local_hub.token,
+    ]  # fmt: skip
+    env = {**_subprocess_env(local_hub, tmp_path), "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{REPO_ROOT / 'tests'}"}
+    env.pop("HF_TOKEN")  # the token only on the command line
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert local_hub.token not in result.stdout + result.stderr
+    assert "Not pushing training_args.bin" in result.stderr  # it holds the token: left out, with a warning
+
+    repo_id = f"{local_hub.user}/vit-trainer-rlion"
+    assert result.stdout.strip().endswith(f"Pushed to {local_hub.endpoint}/{repo_id}")
+    assert [c["summary"] for c in local_hub.commits(repo_id)] == ["Upload model trained with RLion (hf-rlion)"]
+    pushed = local_hub.repo_dir(repo_id)
+    names = sorted(p.relative_to(pushed).as_posix() for p in pushed.rglob("*") if p.is_file())
+    assert names == ["README.md", "config.json", "model.safetensors"]  # no checkpoint-4/, no training_args.bin
+    assert (output_dir / "checkpoint-4").is_dir() and (output_dir / "training_args.bin").is_file()
+    assert local_hub.token.encode() not in all_bytes_under(pushed)
+
+    card = ModelCard.load(pushed / "README.md")
+    assert card.data.optimizer["name"] == "rlion" and card.data.optimizer["hyperparameters"]["lr"] == 1e-3
+    assert card.data.training_hyperparameters["optim"] == "rlion"
+    accuracy = card.data.eval_results[0].metric_value
+    saved = ViTForImageClassification.from_pretrained(output_dir)
+    reloaded = ViTForImageClassification.from_pretrained(pushed)
+    for a, b in zip(saved.state_dict().values(), reloaded.state_dict().values()):
+        assert torch.equal(a, b)
+    assert 0.0 <= accuracy <= 1.0
