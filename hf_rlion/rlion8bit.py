@@ -67,6 +67,8 @@ BLOCKSIZE = 256
 #: bitsandbytes allocates paged state only for tensors at least this large (its ``get_state_buffer``).
 _PAGED_MIN_NUMEL = 100_000
 _OPTIM_BITS = (8, 32)
+#: Below this many elements the kernel runs on one thread (waking a thread team costs more).
+_PARALLEL_MIN_NUMEL = 1 << 16
 _TWO_OVER_PI = 2.0 / math.pi
 # Per-parameter overrides from GlobalOptimManager that we apply; bitsandbytes keys with no
 # meaning for RLion (eps, max_unorm, skip_zeros, ...) are ignored with one warning.
@@ -199,7 +201,7 @@ def fused_update_(
     n = param.numel()
     lut = quantize_lut(qmap)
     qmap = qmap.contiguous()
-    threads = max(torch.get_num_threads(), 1)
+    threads = max(torch.get_num_threads(), 1) if n >= _PARALLEL_MIN_NUMEL else 1
     bias_div = 1.0 - beta1**step
     w1, w2 = 1.0 - beta1, 1.0 - beta2
     if alpha_scaling == "fixed":
