@@ -102,8 +102,8 @@ def _yaml_safe(value):
         value = value.value
     if isinstance(value, str):
         return redact_secrets(str(value))
-    if value is None or isinstance(value, (bool, int, str)):
-        return redact_secrets(value) if isinstance(value, str) else value
+    if value is None or isinstance(value, (bool, int)):
+        return value
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, (list, tuple)):
@@ -121,18 +121,35 @@ def _yaml_safe(value):
 def optimizer_hyperparameters(optimizer) -> dict[str, Any]:
     """The hyperparameters a ``torch.optim.Optimizer`` was built with, for a model card.
 
-    ``optimizer.defaults`` (lr, betas, weight_decay, alpha, alpha_scaling ... as the constructor
-    received them, so the values RLion's signature or the registry filled in), minus the entries
-    that only choose an implementation (``foreach``, ``fused``, ``capturable``, ``differentiable``)
-    and minus ``None`` values. transformers' ``Trainer.optimizer`` and Accelerate-wrapped
-    optimizers are unwrapped.
+    For each key of ``optimizer.defaults`` (lr, betas, weight_decay, alpha, alpha_scaling ...,
+    so including what RLion's signature or the registry filled in), the value its parameter
+    groups hold: one value when all groups agree, else the distinct values in group order
+    (``create_optimizer`` and Trainer put the decayed weights first, so ``weight_decay`` reads
+    ``[0.1, 0.0]``). ``lr`` is the initial learning rate (``initial_lr``, which an lr scheduler
+    stores), not the decayed one. Keys that only choose an implementation (``foreach``,
+    ``fused``, ``capturable``, ``differentiable``) and ``None`` values are left out.
+    Accelerate-wrapped optimizers (``.optimizer``) are unwrapped.
     """
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
     defaults = getattr(inner, "defaults", None)
-    if not isinstance(defaults, Mapping):
-        raise ValueError(f"optimizer must be a torch.optim.Optimizer (with .defaults), got {type(optimizer).__name__}")
+    groups = getattr(inner, "param_groups", None)
+    if not isinstance(defaults, Mapping) or not groups:
+        raise ValueError(
+            f"optimizer must be a torch.optim.Optimizer (with .defaults and .param_groups), got {type(optimizer).__name__}"
+        )
     implementation_only = {"foreach", "fused", "capturable", "differentiable"}
-    return {k: _yaml_safe(v) for k, v in defaults.items() if k not in implementation_only and v is not None}
+    hyperparameters = {}
+    for key in defaults:
+        if key in implementation_only:
+            continue
+        values = []
+        for group in groups:
+            value = _yaml_safe(group.get(f"initial_{key}", group.get(key, defaults[key])))
+            if value not in values:
+                values.append(value)
+        if values != [None]:
+            hyperparameters[key] = values[0] if len(values) == 1 else values
+    return hyperparameters
 
 
 # TrainingArguments fields that describe a run, as transformers' own Trainer model card lists them.

@@ -318,10 +318,24 @@ def test_hyperparameters_for_the_card_come_from_the_optimizer_and_training_argum
 
     from hf_rlion.hub import optimizer_hyperparameters, training_hyperparameters
 
-    optimizer = RLion(torch.nn.Linear(2, 2).parameters(), lr=3e-4, weight_decay=0.1)
+    import inspect
+
+    from hf_rlion import create_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    optimizer = create_optimizer(model, "rlion", lr=3e-4, weight_decay=0.1)
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.1, total_iters=2)
+    optimizer.step(), scheduler.step(), optimizer.step(), scheduler.step()
+    assert optimizer.param_groups[0]["lr"] < 3e-4  # decayed; the card must report the initial value
     hparams = optimizer_hyperparameters(optimizer)
-    assert hparams["lr"] == 3e-4 and hparams["weight_decay"] == 0.1 and hparams["betas"] == [0.9, 0.99]
-    assert "foreach" not in hparams and "fused" not in hparams
+    signature = inspect.signature(RLion).parameters
+    expected = {
+        name: list(p.default) if isinstance(p.default, tuple) else p.default
+        for name, p in signature.items()
+        if name not in ("params", "foreach", "fused") and p.default is not None
+    }
+    expected.update(lr=3e-4, weight_decay=[0.1, 0.0])  # decayed weights, then biases and norms (Trainer's grouping)
+    assert hparams == expected
     args = TrainingArguments(
         str(tmp_path),
         learning_rate=3e-4,
@@ -414,3 +428,41 @@ def test_trainer_recipe_flow_pushes_its_card_and_nothing_else(local_hub, tmp_pat
     for a, b in zip(saved.state_dict().values(), reloaded.state_dict().values()):
         assert torch.equal(a, b)
     assert 0.0 <= accuracy <= 1.0
+
+
+# -- the stand-in Hub itself ----------------------------------------------------------------
+def _request(local_hub, method, path, body: bytes | None = None, token: str | None = None, headers=None):
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(local_hub.endpoint + path, data=body, method=method, headers=headers or {})
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def test_stand_in_hub_refuses_paths_outside_the_repository_and_oversized_bodies(local_hub):
+    HfApi(endpoint=local_hub.endpoint, token=local_hub.token).create_repo("safe")
+    repo_root = local_hub.repo_dir("safe")
+    for path in ("../escape.txt", "/etc/escape.txt", ".git/config", "a/../../escape.txt"):
+        lines = [
+            {"key": "header", "value": {"summary": "try to escape"}},
+            {"key": "file", "value": {"path": path, "content": "eA==", "encoding": "base64"}},
+        ]
+        body = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+        status, answer = _request(local_hub, "POST", f"/api/models/{local_hub.user}/safe/commit/main", body, local_hub.token)
+        assert status == 400 and b"Invalid path" in answer, (path, status, answer)
+    assert not any(repo_root.parent.parent.rglob("escape.txt")) and local_hub.commits("safe") == []
+
+    status, _ = _request(local_hub, "POST", "/api/repos/create", b"{}", token=None)
+    assert status == 401
+    status, _ = _request(
+        local_hub, "POST", "/api/repos/create", token=local_hub.token, headers={"Content-Length": str(1 << 40)}
+    )
+    assert status == 413
+    status, _ = _request(local_hub, "GET", "/api/datasets/x/y", token=local_hub.token)
+    assert status == 404
