@@ -24,6 +24,7 @@ import enum
 import glob
 import math
 import re
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -397,7 +398,7 @@ def _files_to_upload(folder: Path, ignore_patterns: list[str]) -> list[str]:
 def _retry_hint(folder: Path, repo_id: str) -> str:
     return (
         f"The local output is intact in {folder}. Retry the push with:\n"
-        f"    python -m hf_rlion.hub push {folder} {repo_id}\n"
+        f"    python -m hf_rlion.hub push {shlex.quote(str(folder))} {shlex.quote(repo_id)}\n"
         "(the token comes from HF_TOKEN or `hf auth login`)."
     )
 
