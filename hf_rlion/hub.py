@@ -219,6 +219,11 @@ _TASK_AUTO_CLASS = {
 }
 
 
+def _is_rlion(optimizer: str) -> bool:
+    """Whether a registry name (``rlion``, ``rlion_8bit``, ``paged_rlion_8bit``) is one of ours."""
+    return "rlion" in optimizer.lower()
+
+
 def _default_usage_code(task: str, repo_id: str) -> str:
     auto_class = _TASK_AUTO_CLASS.get(task, "AutoModel")
     return f'from transformers import {auto_class}\n\nmodel = {auto_class}.from_pretrained("{repo_id}")'
@@ -334,10 +339,14 @@ def build_model_card(
     origin = f"fine-tuned from [`{base_model}`](https://huggingface.co/{base_model})" if base_model else "trained"
     sections = [
         f"# {model_name}",
-        f"This model was {origin} for **{task}** on {dataset_text} with the **{optimizer}** optimizer "
-        "from hf-rlion — RLion, the refined Lion optimizer of Rong et al., "
-        "*A refined Lion optimizer for deep learning*, Scientific Reports 15 (2025), "
-        "doi:10.1038/s41598-025-07112-4.",
+        f"This model was {origin} for **{task}** on {dataset_text} with the **{optimizer}** optimizer"
+        + (
+            " from hf-rlion: RLion, "
+            if _is_rlion(optimizer)
+            else ", as a baseline run of hf-rlion's recipes, which train with RLion, "
+        )
+        + "the refined Lion optimizer of Rong et al., *A refined Lion optimizer for deep learning*, "
+        "Scientific Reports 15 (2025), doi:10.1038/s41598-025-07112-4.",
     ]
     if clean_metrics:
         split = f" ({dataset_split} split)" if dataset_split else ""

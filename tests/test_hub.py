@@ -108,6 +108,9 @@ def test_model_card_parses_back_with_metrics_optimizer_and_tags():
     assert "accelerate launch recipes/image_classification.py --optim rlion" in parsed.text
     assert "AutoModelForImageClassification" in parsed.text
     assert "| Accuracy | 0.8750 |" in parsed.text
+    assert "**rlion** optimizer from hf-rlion: RLion" in parsed.text
+    baseline = build_model_card(**card_kwargs(optimizer="adamw")).text
+    assert "**adamw** optimizer, as a baseline run" in baseline and "optimizer from hf-rlion" not in baseline
 
 
 @pytest.mark.parametrize(
@@ -229,6 +232,15 @@ def test_push_argument_errors(local_hub, tmp_path):
         push_folder_to_hub(tmp_path / "missing", "model", token=local_hub.token, endpoint=local_hub.endpoint)
     with pytest.raises(ValueError, match="^repo_id"):
         push_folder_to_hub(tmp_path, "a/b/c", token=local_hub.token, endpoint=local_hub.endpoint)
+
+
+def test_retry_command_reports_errors_without_a_traceback(tmp_path, capsys):
+    from hf_rlion.hub import main
+
+    assert main(["push", str(tmp_path / "missing"), "me/model"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: a missing REPO_ID is a usage error
+        main(["push", str(tmp_path)])
 
 
 def _subprocess_env(local_hub, tmp_path) -> dict:
