@@ -63,7 +63,8 @@ DEFAULT_IGNORE_PATTERNS: tuple[str, ...] = (
 
 # Hub access tokens start with "hf_"; command-line flags and keys that carry a token by name.
 _TOKEN_PATTERN = re.compile(r"\bhf_[A-Za-z0-9]{8,}\b")
-_TOKEN_FLAG_PATTERN = re.compile(r"(--[\w-]*token[\w-]*)(=|\s+)(\S+)", re.IGNORECASE)
+_TOKEN_FLAG_PATTERN = re.compile(r"(--(?:[\w-]*[_-])?token)(=|\s+)(\S+)", re.IGNORECASE)  # --token, --hub_token ...
+_TOKEN_KEY_PATTERN = re.compile(r"(^|[_-])token$", re.IGNORECASE)  # token, hub_token, access_token (not tokenizer_name)
 _REDACTED = "<redacted>"
 
 # Sentence-cased titles for the metrics the recipes report; other names are shown as given.
@@ -87,12 +88,12 @@ def redact_secrets(text: str) -> str:
 
 
 def _public_hyperparameters(name: str, values: Mapping) -> dict:
-    """``values`` as plain YAML-safe data, without any entry whose key names a token."""
+    """``values`` as plain YAML-safe data, without any entry whose key names a token (``hub_token`` ...)."""
     if not isinstance(values, Mapping):
         raise ValueError(f"{name} must be a dict of hyperparameter name -> value, got {type(values).__name__}")
     public = {}
     for key, value in values.items():
-        if "token" in str(key).lower():
+        if _TOKEN_KEY_PATTERN.search(str(key)):
             continue
         public[str(key)] = _yaml_safe(value)
     return public

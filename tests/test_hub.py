@@ -140,6 +140,11 @@ def test_model_card_never_contains_a_token():
     assert "--hub_token <redacted> --push_to_hub" in card.content
     assert "hub_token" not in ModelCard(card.content).data.training_hyperparameters
     assert redact_secrets(f"--token={token}") == "--token=<redacted>"
+    assert redact_secrets("--hub-token secret --tokenizer_name gpt2 --max_tokens 8") == (
+        "--hub-token <redacted> --tokenizer_name gpt2 --max_tokens 8"
+    )
+    kept = build_model_card(**card_kwargs(training_hyperparameters={"tokenizer_name": "gpt2", "access_token": "x"}))
+    assert ModelCard(kept.content).data.training_hyperparameters == {"tokenizer_name": "gpt2"}
 
 
 # -- pushing --------------------------------------------------------------------------------
