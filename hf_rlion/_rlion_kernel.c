@@ -1,0 +1,302 @@
+/* The fused CPU RLion step: one C pass per tensor (two for alpha_scaling="rms").
+ *
+ * Loaded by hf_rlion/fused_cpu.py through hf_rlion/native.py, which compiles it with
+ * cc -O3 -march=native -fopenmp. Everything here is plain C that gcc/clang auto-vectorise
+ * (the `omp simd` pragmas say so explicitly); nothing depends on an instruction set.
+ *
+ * Per element, for a tensor with parameter p, gradient g and momentum m (float32):
+ *
+ *     g'  = maximize ? -g : g
+ *     c   = lerp(m, g', 1 - beta1)                 (torch.lerp's two-sided formula)
+ *     u   = atan(k * c)                            k = alpha * (1 / (1 - beta1^t))   "fixed"
+ *                                                  k = alpha / max(RMS(c_hat), FLT_MIN) / (1 - beta1^t)   "rms"
+ *     p   = p * (1 - lr * wd) - (lr * 2/pi) * u    (p rounded once, in its own dtype)
+ *     m   = lerp(m, g', 1 - beta2)
+ *
+ * Memory traffic: read p, g, m and write p, m (20 bytes per fp32 parameter). The "rms" rule
+ * needs RMS(c_hat) of the whole tensor before the first update, so it reads g and m once more;
+ * tensors are processed in batches small enough that this second read hits the cache.
+ * The only temporaries are per-call arrays of chunk descriptors and partial sums
+ * (a few bytes per 16384 elements), never a tensor-sized buffer.
+ *
+ * Parameters may be float32, bfloat16 or float16 (gradient in the same dtype); the momentum
+ * is always float32 and all arithmetic is float32, except the sum of squares (double).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <float.h>
+#include <omp.h>
+
+#define RLION_ABI_VERSION 1
+#define CHUNK 16384
+
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+
+int rlion_abi_version(void) { return RLION_ABI_VERSION; }
+
+/* ------------------------------------------------------------------------------------------
+ * arctan in float32, branch-free so that it vectorises.
+ *
+ * Range reduction: x = |a|; t = x for x < 1, t = 1/x for x >= 1 (atan(x) = pi/2 - atan(1/x)).
+ * On [0, 1]: atan(t) = t + t z P(z), z = t^2, P a degree-8 minimax polynomial (relative
+ * error of the approximation 2.7e-9 = 0.04 ulp), coefficients fitted with float32 rounding
+ * taken into account. For x >= 1 the reduction's rounding is compensated: 1/x = t + t e with
+ * e = fma(-t, x, 1) exact, pi/2 = PIO2_HI + PIO2_LO, and PIO2_HI - t is split exactly
+ * (Fast2Sum), so the only errors left are the final rounding and the small tail term.
+ * Measured over all 2^32 inputs (benchmarks/atan_exhaustive.py): at most 1 ulp from the
+ * correctly rounded arctan; +-0 keep their sign, +-inf give +-pi/2, NaN stays NaN,
+ * subnormals come back unchanged (atan(x) = x to float precision there).
+ * ---------------------------------------------------------------------------------------- */
+static const float ATAN_C0 = -0x1.55553ep-2f;
+static const float ATAN_C1 = 0x1.9991e8p-3f;
+static const float ATAN_C2 = -0x1.2420d6p-3f;
+static const float ATAN_C3 = 0x1.c090f2p-4f;
+static const float ATAN_C4 = -0x1.581a50p-4f;
+static const float ATAN_C5 = 0x1.da707ap-5f;
+static const float ATAN_C6 = -0x1.fe1fe0p-6f;
+static const float ATAN_C7 = 0x1.64e846p-7f;
+static const float ATAN_C8 = -0x1.d4dc8ap-10f;
+static const float PIO2_HI = 0x1.921fb6p+0f;  /* float(pi/2), above pi/2 by 4.37e-8 */
+static const float PIO2_LO = -0x1.777a5cp-25f; /* pi/2 - PIO2_HI */
+
+static inline float rlion_atanf(float a) {
+    float x = fabsf(a);
+    int big = x >= 1.0f;
+    float t = big ? 1.0f / x : x;
+    float z = t * t;
+    float poly = ATAN_C8;
+    poly = fmaf(poly, z, ATAN_C7);
+    poly = fmaf(poly, z, ATAN_C6);
+    poly = fmaf(poly, z, ATAN_C5);
+    poly = fmaf(poly, z, ATAN_C4);
+    poly = fmaf(poly, z, ATAN_C3);
+    poly = fmaf(poly, z, ATAN_C2);
+    poly = fmaf(poly, z, ATAN_C1);
+    poly = fmaf(poly, z, ATAN_C0);
+    float tz = t * z;
+    float small_result = fmaf(tz, poly, t); /* atan(t), t <= 1 */
+    /* x > 1: pi/2 - atan(1/x) with 1/x = t + t_lo, atan(t + t_lo) ~ atan(t) + t_lo / (1 + z). */
+    float e = fmaf(-t, x, 1.0f);
+    float t_lo = (x <= FLT_MAX) ? t * e : 0.0f; /* x = inf: t = 0 and e would be NaN */
+    float one_over_1pz = fmaf(fmaf(0.3274011f, z, -0.80405105f), z, 0.98603903f);
+    float head = PIO2_HI - t;               /* Fast2Sum: PIO2_HI >= t */
+    float head_err = (PIO2_HI - head) - t;  /* exact */
+    float tail = (head_err + PIO2_LO) - fmaf(tz, poly, t_lo * one_over_1pz);
+    float big_result = head + tail;
+    return copysignf(big ? big_result : small_result, a);
+}
+
+/* y[i] = atan(x[i]) for float32 arrays: the function the update uses, exposed for tests. */
+void rlion_atan_f32(const float *restrict x, float *restrict y, int64_t n, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (n > 65536)
+    for (int64_t i = 0; i < n; i++) y[i] = rlion_atanf(x[i]);
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Element types. bfloat16 and float16 round to nearest even, as torch's .to() does.
+ * ---------------------------------------------------------------------------------------- */
+static inline float load_f32(const void *base, int64_t i) { return ((const float *)base)[i]; }
+static inline void store_f32(void *base, int64_t i, float v) { ((float *)base)[i] = v; }
+
+static inline float load_bf16(const void *base, int64_t i) {
+    uint32_t bits = (uint32_t)((const uint16_t *)base)[i] << 16;
+    float v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+static inline void store_bf16(void *base, int64_t i, float v) {
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    uint32_t quiet_nan = (bits >> 16) | 0x40u;
+    ((uint16_t *)base)[i] = (uint16_t)(((bits & 0x7fffffffu) > 0x7f800000u) ? quiet_nan : rounded);
+}
+
+static inline float load_f16(const void *base, int64_t i) { return (float)((const _Float16 *)base)[i]; }
+static inline void store_f16(void *base, int64_t i, float v) { ((_Float16 *)base)[i] = (_Float16)v; }
+
+typedef struct {
+    float w1;       /* 1 - beta1 */
+    float w2;       /* 1 - beta2 */
+    float decay;    /* 1 - lr * weight_decay */
+    float step_lr;  /* lr * 2 / pi */
+    float gsign;    /* -1 if maximize else +1 */
+} rlion_hp;
+
+/* torch.lerp(start, end, w): start + w (end - start) for w < 0.5, else end - (1 - w)(end - start). */
+static inline float lerpf(float start, float end, float w) {
+    float d = end - start;
+    return (w < 0.5f) ? fmaf(w, d, start) : fmaf(-(1.0f - w), d, end);
+}
+
+#define DEFINE_KERNELS(NAME, LOAD, STORE)                                                          \
+    static double sumsq_##NAME(const void *g, const float *m, int64_t lo, int64_t hi,              \
+                               const rlion_hp *h) {                                                \
+        const float w1 = h->w1, gsign = h->gsign;                                                  \
+        double acc = 0.0;                                                                          \
+        _Pragma("omp simd reduction(+ : acc)") for (int64_t i = lo; i < hi; i++) {                 \
+            float c = lerpf(m[i], gsign * LOAD(g, i), w1);                                         \
+            acc += (double)c * (double)c;                                                          \
+        }                                                                                          \
+        return acc;                                                                                \
+    }                                                                                              \
+    static void update_##NAME(void *p, const void *g, float *m, int64_t lo, int64_t hi,            \
+                              const rlion_hp *h, float k) {                                        \
+        const float w1 = h->w1, w2 = h->w2, gsign = h->gsign, step_lr = h->step_lr;                \
+        const float decay = h->decay; /* exactly 1 without weight decay */                          \
+        _Pragma("omp simd") for (int64_t i = lo; i < hi; i++) {                                    \
+            float grad = gsign * LOAD(g, i);                                                       \
+            float mom = m[i];                                                                      \
+            float u = rlion_atanf(k * lerpf(mom, grad, w1));                                       \
+            float param = LOAD(p, i);                                                              \
+            STORE(p, i, fmaf(-step_lr, u, param * decay));                                         \
+            m[i] = lerpf(mom, grad, w2);                                                           \
+        }                                                                                          \
+    }
+
+DEFINE_KERNELS(f32, load_f32, store_f32)
+DEFINE_KERNELS(bf16, load_bf16, store_bf16)
+DEFINE_KERNELS(f16, load_f16, store_f16)
+
+static double sumsq(int dtype, const void *g, const float *m, int64_t lo, int64_t hi, const rlion_hp *h) {
+    switch (dtype) {
+    case DT_BF16: return sumsq_bf16(g, m, lo, hi, h);
+    case DT_F16: return sumsq_f16(g, m, lo, hi, h);
+    default: return sumsq_f32(g, m, lo, hi, h);
+    }
+}
+
+static void update(int dtype, void *p, const void *g, float *m, int64_t lo, int64_t hi, const rlion_hp *h,
+                   float k) {
+    switch (dtype) {
+    case DT_BF16: update_bf16(p, g, m, lo, hi, h, k); break;
+    case DT_F16: update_f16(p, g, m, lo, hi, h, k); break;
+    default: update_f32(p, g, m, lo, hi, h, k); break;
+    }
+}
+
+typedef struct {
+    int32_t tensor;
+    int64_t lo, hi;
+} chunk_t;
+
+/* One RLion step over n tensors (one param group, one call).
+ *
+ * inv_bias_correction[t] = 1 / (1 - beta1^step_t) (1 when bias correction is off).
+ * rms != 0 selects alpha_scaling="rms". batch_numel bounds how many elements are reduced
+ * before they are updated (the cache-reuse window of the "rms" rule).
+ * Returns 0, or -1 when the chunk table could not be allocated.
+ */
+int rlion_step(int32_t n, void *const *params, const void *const *grads, float *const *exp_avgs,
+               const int64_t *numels, const int32_t *dtypes, const double *inv_bias_correction, float w1,
+               float w2, float lr, float weight_decay, float alpha, int32_t rms, int32_t maximize,
+               int64_t batch_numel, int32_t num_threads) {
+    rlion_hp h;
+    h.w1 = w1;
+    h.w2 = w2;
+    h.decay = weight_decay != 0.0f ? (float)(1.0 - (double)lr * (double)weight_decay) : 1.0f;
+    h.step_lr = (float)((double)lr * 0.63661977236758134308); /* 2 / pi */
+    h.gsign = maximize ? -1.0f : 1.0f;
+
+    int64_t n_chunks = 0;
+    for (int32_t t = 0; t < n; t++) n_chunks += (numels[t] + CHUNK - 1) / CHUNK;
+    chunk_t *chunks = malloc(sizeof(chunk_t) * (size_t)(n_chunks + 1));
+    double *partial = malloc(sizeof(double) * (size_t)(n_chunks + 1));
+    float *scale = malloc(sizeof(float) * (size_t)(n + 1));
+    /* batch_start[b] .. batch_start[b+1]: the chunks of batch b (whole tensors only) */
+    int64_t *batch_start = malloc(sizeof(int64_t) * (size_t)(n + 2));
+    if (!chunks || !partial || !scale || !batch_start) {
+        free(chunks), free(partial), free(scale), free(batch_start);
+        return -1;
+    }
+    int64_t c = 0, n_batches = 0, in_batch = 0;
+    for (int32_t t = 0; t < n; t++) {
+        if (numels[t] == 0) continue;
+        if (in_batch > 0 && in_batch + numels[t] > batch_numel) in_batch = 0;
+        if (in_batch == 0) batch_start[n_batches++] = c;
+        in_batch += numels[t];
+        for (int64_t lo = 0; lo < numels[t]; lo += CHUNK) {
+            chunks[c].tensor = t;
+            chunks[c].lo = lo;
+            chunks[c].hi = lo + CHUNK < numels[t] ? lo + CHUNK : numels[t];
+            c++;
+        }
+    }
+    batch_start[n_batches] = c;
+    for (int32_t t = 0; t < n; t++) scale[t] = (float)((double)alpha * inv_bias_correction[t]);
+
+#pragma omp parallel num_threads(num_threads)
+    for (int64_t b = 0; b < n_batches; b++) {
+        const int64_t first = batch_start[b], last = batch_start[b + 1];
+        if (rms) {
+#pragma omp for schedule(dynamic, 2)
+            for (int64_t i = first; i < last; i++) {
+                const chunk_t ch = chunks[i];
+                partial[i] = sumsq(dtypes[ch.tensor], grads[ch.tensor], exp_avgs[ch.tensor], ch.lo, ch.hi, &h);
+            }
+            /* implicit barrier; partial sums are added in chunk order: the result does not
+             * depend on the number of threads */
+#pragma omp single
+            {
+                int64_t i = first;
+                while (i < last) {
+                    const int32_t t = chunks[i].tensor;
+                    double total = 0.0;
+                    for (; i < last && chunks[i].tensor == t; i++) total += partial[i];
+                    /* RMS(c_hat) = RMS(c) * inv_bc, clamped below by FLT_MIN (as the torch path) */
+                    double rms_c_hat = sqrt(total / (double)numels[t]) * inv_bias_correction[t];
+                    if (!(rms_c_hat >= (double)FLT_MIN)) rms_c_hat = (double)FLT_MIN;
+                    scale[t] = (float)((double)alpha / rms_c_hat * inv_bias_correction[t]);
+                }
+            }
+        }
+#pragma omp for schedule(dynamic, 2)
+        for (int64_t i = first; i < last; i++) {
+            const chunk_t ch = chunks[i];
+            update(dtypes[ch.tensor], params[ch.tensor], grads[ch.tensor], exp_avgs[ch.tensor], ch.lo, ch.hi, &h,
+                   scale[ch.tensor]);
+        }
+    }
+    free(chunks), free(partial), free(scale), free(batch_start);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Non-finite check: ok[t] = 1 when every element of tensor t is finite. One read pass, with an
+ * early exit per chunk once a NaN/inf has been seen in that tensor.
+ * ---------------------------------------------------------------------------------------- */
+static int chunk_finite(int dtype, const void *g, int64_t lo, int64_t hi) {
+    uint32_t bad = 0;
+    if (dtype == DT_F32) {
+        const uint32_t *bits = (const uint32_t *)g;
+#pragma omp simd reduction(| : bad)
+        for (int64_t i = lo; i < hi; i++) bad |= (uint32_t)((bits[i] & 0x7f800000u) == 0x7f800000u);
+    } else {
+        const uint16_t *bits = (const uint16_t *)g;
+        const uint16_t exp_mask = dtype == DT_BF16 ? 0x7f80u : 0x7c00u;
+#pragma omp simd reduction(| : bad)
+        for (int64_t i = lo; i < hi; i++) bad |= (uint32_t)((bits[i] & exp_mask) == exp_mask);
+    }
+    return bad == 0;
+}
+
+void rlion_finite_mask(int32_t n, const void *const *grads, const int64_t *numels, const int32_t *dtypes,
+                       uint8_t *ok, int32_t num_threads) {
+    int64_t total = 0;
+    for (int32_t t = 0; t < n; t++) {
+        ok[t] = 1;
+        total += numels[t];
+    }
+#pragma omp parallel num_threads(num_threads) if (total > 65536)
+    for (int32_t t = 0; t < n; t++) {
+        const int64_t n_chunks = (numels[t] + CHUNK - 1) / CHUNK;
+#pragma omp for schedule(static) nowait
+        for (int64_t i = 0; i < n_chunks; i++) {
+            if (!__atomic_load_n(&ok[t], __ATOMIC_RELAXED)) continue;
+            const int64_t lo = i * CHUNK, hi = lo + CHUNK < numels[t] ? lo + CHUNK : numels[t];
+            if (!chunk_finite(dtypes[t], grads[t], lo, hi)) __atomic_store_n(&ok[t], 0, __ATOMIC_RELAXED);
+        }
+    }
+}
