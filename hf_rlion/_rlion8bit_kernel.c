@@ -13,8 +13,8 @@
  * Python exactly as bitsandbytes builds it) maps round((v + 1) / 2 * 65535) to the nearest code.
  *
  * The element-wise arithmetic mirrors the torch reference operation by operation (torch's
- * vectorised lerp and add-with-alpha are fused multiply-adds, so fmaf is used in the same
- * places); this file is compiled with -std=c11, so the compiler contracts nothing on its own.
+ * vectorised lerp is fma(w, end - start, start) for |w| < 0.5 and fma(w - 1, end - start, end)
+ * otherwise, and add-with-alpha is an fma, so fmaf is used in the same places); this file is compiled with -std=c11, so the compiler contracts nothing on its own.
  * The only differences from the reference are the arctangent (within 1 ulp of the correctly
  * rounded value, like torch.atan, so the two differ by at most 2 ulp) and the order in which the sum of squares for the
  * "rms" scaling is accumulated (double here, float32 in torch).
@@ -26,12 +26,6 @@
 #include <stdint.h>
 
 #define BLOCK 256
-
-static inline float lerp_like_torch(float start, float end, float weight) {
-    /* aten lerp_vec: small weight -> fma(w, end - start, start); else fma(w - 1, end - start, end) */
-    float diff = end - start;
-    return fabsf(weight) < 0.5f ? fmaf(weight, diff, start) : fmaf(weight - 1.0f, diff, end);
-}
 
 /* arctan in float32, branch-free so that it vectorises: the same function, coefficients and
  * error compensation as rlion_atanf in _rlion_kernel.c (the fp32 RLion kernel), so RLion and
@@ -52,7 +46,7 @@ static const float PIO2_LO = -0x1.777a5cp-25f;
 
 static inline float fast_atanf(float a) {
     const float x = fabsf(a);
-    const int big = x > 1.0f;
+    const int big = x >= 1.0f;
     const float t = big ? 1.0f / x : x;
     const float z = t * t;
     float poly = ATAN_C8;
@@ -76,23 +70,66 @@ static inline float fast_atanf(float a) {
     return copysignf(big ? big_result : small_result, a);
 }
 
+/* The kernel's loops are written so that GCC vectorises them (omp simd, loop-invariant choices
+ * hoisted into multiplications that are exact: g * (+-1), c / 1, p * 1). */
+
+/* momentum of one block, dequantised: m[i] = qmap[code[i]] * absmax */
+static inline void dequantize_block(const uint8_t *q, const float *qmap, float scale, int64_t len, float *m) {
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i)
+        m[i] = qmap[(int32_t)q[i]] * scale;
+}
+
+/* bitsandbytes' CPU quantize_blockwise for one block; returns its absmax */
+static inline float quantize_block(const float *m, const uint8_t *lut, int64_t len, uint8_t *q) {
+    float block_max = 0.0f;
+#pragma omp simd reduction(max : block_max)
+    for (int64_t i = 0; i < len; ++i) {
+        const float a = fabsf(m[i]); /* finite: gradients are checked before the step */
+        block_max = a > block_max ? a : block_max; /* not fmaxf: that is a libm call without -ffast-math */
+    }
+    if (block_max == 0.0f) {
+        for (int64_t i = 0; i < len; ++i)
+            q[i] = 0;
+        return block_max;
+    }
+    const float inv = 1.0f / block_max;
+    int32_t index[BLOCK];
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+        float v = m[i] * inv;
+        v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+        const float t = (v + 1.0f) * 0.5f;
+        const float s = t * 65535.0f;
+        index[i] = (int32_t)(s + 0.5f);
+    }
+    for (int64_t i = 0; i < len; ++i)
+        q[i] = lut[index[i]];
+    return block_max;
+}
+
 /* Pass 1 of the "rms" scaling: sum over the tensor of c_hat^2 (c_hat as in pass 2). */
 double rlion8bit_sumsq_f32(const float *grad, const uint8_t *codes, const float *absmax, const float *qmap,
                            int64_t n, float w1, float bias_div, int bias_correction, int maximize, int threads) {
     const int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    const float grad_sign = maximize ? -1.0f : 1.0f;
+    const float divisor = bias_correction ? bias_div : 1.0f;
+    const int small1 = fabsf(w1) < 0.5f;
+    const float w1_minus_1 = w1 - 1.0f;
     double total = 0.0;
 #pragma omp parallel for schedule(static) reduction(+ : total) num_threads(threads)
     for (int64_t b = 0; b < blocks; ++b) {
         const int64_t start = b * BLOCK;
-        const int64_t end = start + BLOCK < n ? start + BLOCK : n;
-        const float scale = absmax[b];
+        const int64_t len = start + BLOCK < n ? BLOCK : n - start;
+        const float *gr = grad + start;
+        float m[BLOCK];
+        dequantize_block(codes + start, qmap, absmax[b], len, m);
         float partial = 0.0f;
-        for (int64_t i = start; i < end; ++i) {
-            const float m = qmap[codes[i]] * scale;
-            const float g = maximize ? -grad[i] : grad[i];
-            float c = lerp_like_torch(m, g, w1);
-            if (bias_correction)
-                c = c / bias_div;
+#pragma omp simd reduction(+ : partial)
+        for (int64_t i = 0; i < len; ++i) {
+            const float g = gr[i] * grad_sign;
+            const float d = g - m[i];
+            const float c = (small1 ? fmaf(w1, d, m[i]) : fmaf(w1_minus_1, d, g)) / divisor;
             partial = fmaf(c, c, partial);
         }
         total += (double)partial;
@@ -109,43 +146,29 @@ void rlion8bit_step_f32(float *param, const float *grad, uint8_t *codes, float *
                         float alpha, float two_over_pi, float decay, int apply_decay, float neg_lr, int maximize,
                         int threads) {
     const int64_t blocks = (n + BLOCK - 1) / BLOCK;
+    const float grad_sign = maximize ? -1.0f : 1.0f;
+    const float divisor = bias_correction ? bias_div : 1.0f;
+    const float decay_factor = apply_decay ? decay : 1.0f;
+    const int small1 = fabsf(w1) < 0.5f, small2 = fabsf(w2) < 0.5f;
+    const float w1_minus_1 = w1 - 1.0f, w2_minus_1 = w2 - 1.0f;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < blocks; ++b) {
         const int64_t start = b * BLOCK;
         const int64_t len = start + BLOCK < n ? BLOCK : n - start;
         float *p = param + start;
         const float *gr = grad + start;
-        uint8_t *q = codes + start;
-        const float scale = absmax[b];
-        float fresh[BLOCK];
-        float block_max = 0.0f;
+        float m[BLOCK];
+        dequantize_block(codes + start, qmap, absmax[b], len, m);
+#pragma omp simd
         for (int64_t i = 0; i < len; ++i) {
-            const float m = qmap[q[i]] * scale;
-            const float g = maximize ? -gr[i] : gr[i];
-            float c = lerp_like_torch(m, g, w1);
-            if (bias_correction)
-                c = c / bias_div;
+            const float g = gr[i] * grad_sign;
+            const float d = g - m[i];
+            const float c = (small1 ? fmaf(w1, d, m[i]) : fmaf(w1_minus_1, d, g)) / divisor;
             const float u = fast_atanf(c * alpha) * two_over_pi;
-            const float decayed = apply_decay ? p[i] * decay : p[i];
-            p[i] = fmaf(u, neg_lr, decayed);
-            const float m_new = lerp_like_torch(m, g, w2);
-            fresh[i] = m_new;
-            block_max = fmaxf(block_max, fabsf(m_new));
+            p[i] = fmaf(u, neg_lr, p[i] * decay_factor);
+            m[i] = small2 ? fmaf(w2, d, m[i]) : fmaf(w2_minus_1, d, g);
         }
-        absmax[b] = block_max;
-        if (block_max == 0.0f) {
-            for (int64_t i = 0; i < len; ++i)
-                q[i] = 0;
-            continue;
-        }
-        const float inv = 1.0f / block_max;
-        for (int64_t i = 0; i < len; ++i) {
-            float v = fresh[i] * inv;
-            v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
-            const float t = (v + 1.0f) * 0.5f;
-            const float s = t * 65535.0f;
-            q[i] = lut[(uint16_t)(s + 0.5f)];
-        }
+        absmax[b] = quantize_block(m, lut, len, codes + start);
     }
 }
 
