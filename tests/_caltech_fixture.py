@@ -7,8 +7,9 @@ holding ``box_coord = [[y1, y2, x1, x2]]`` (1-based inclusive pixels, as Caltech
 (airplanes -> Airplanes_Side_2, Faces -> Faces_2, ...) are used as Caltech uses them.
 
 The images are learnable: a bright textured rectangle (the "object") on a dark noisy
-background, the box being exactly the rectangle, at a random place and size. A model that
-looks at the picture can do much better than the mean box.
+background, the box being exactly the rectangle, at a random place and size, its colour
+given by the category. A model that looks at the picture can do much better than the mean
+box (and than the majority category).
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def write_caltech_fixture(
     counts = counts or {"airplanes": 60, "Faces": 12, "ketch": 12}
     base = root / "caltech-101" if zip_layout else root
     rng = np.random.default_rng(seed)
-    colors = {name: rng.integers(150, 256, size=3) for name in counts}
+    palette = [(240, 90, 90), (90, 240, 90), (90, 90, 240), (240, 240, 90), (90, 240, 240), (240, 90, 240)]
+    colors = {name: palette[i % len(palette)] for i, name in enumerate(counts)}  # the category's cue
     written: dict[str, list[FixtureImage]] = {}
     for category, count in counts.items():
         image_dir = base / "101_ObjectCategories" / category
