@@ -457,6 +457,8 @@ def push_folder_to_hub(
         raise ValueError(f"repo_id must be 'name' or 'namespace/name' (letters, digits, '-', '_', '.'), got {repo_id!r}")
     if card is not None:
         card.save(folder / "README.md")
+    elif not (folder / "README.md").is_file():
+        warnings.warn(f"{folder} has no README.md: the repository will have no model card", stacklevel=2)
 
     token = token if token is not None else get_token()
     if not token:

@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +151,7 @@ def test_model_card_never_contains_a_token():
 # -- pushing --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained_vit_folder(tmp_path_factory):
-    """A tiny ViT trained 5 RLion steps on digits, saved like a recipe's output folder."""
+    """A tiny ViT trained 5 RLion steps on digits, saved like a recipe's output folder (card included)."""
     images, labels = digits_images(64)
     model = tiny_vit()
     optimizer = RLion(model.parameters(), lr=1e-3)
@@ -164,6 +165,7 @@ def trained_vit_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("output")
     model.save_pretrained(folder)
     (folder / "eval_results.json").write_text(json.dumps({"eval_accuracy": 0.5}))
+    build_model_card(**card_kwargs()).save(folder / "README.md")
     (folder / "checkpoint-5").mkdir()
     (folder / "checkpoint-5" / "optimizer.pt").write_bytes(b"not for the hub")
     with torch.no_grad():
@@ -208,7 +210,8 @@ def test_push_without_token_fails_clearly_and_keeps_the_output(local_hub, traine
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     folder = trained_vit_folder[0]
-    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != "README.md"}
+    (folder / "README.md").unlink()
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
     with pytest.raises(HubPushError, match="no Hugging Face token") as excinfo:
         push_folder_to_hub(folder, "someone/model", card=build_model_card(**card_kwargs()), endpoint=local_hub.endpoint)
@@ -322,9 +325,13 @@ def test_files_holding_the_token_are_not_pushed(local_hub, tmp_path):
     torch.save(args, folder / "training_args.bin")
     assert local_hub.token.encode() in (folder / "training_args.bin").read_bytes()  # the hazard is real
 
-    with pytest.warns(UserWarning, match=r"Not pushing training_args\.bin") as record:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         push_folder_to_hub(folder, "model", token=local_hub.token, endpoint=local_hub.endpoint)
-    assert all(local_hub.token not in str(w.message) for w in record)
+    messages = [str(w.message) for w in record]
+    assert any(m.startswith("Not pushing training_args.bin") for m in messages), messages
+    assert any("has no README.md" in m for m in messages)  # no card given, none in the folder
+    assert all(local_hub.token not in m for m in messages)
     pushed = local_hub.repo_dir("model")
     assert sorted(p.name for p in pushed.iterdir()) == ["config.json"]
     assert (folder / "training_args.bin").is_file()  # left alone locally
