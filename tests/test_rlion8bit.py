@@ -461,3 +461,69 @@ def test_training_arguments_optim_names_build_the_8bit_classes(tmp_path, name, c
     assert group["min_8bit_size"] == 128 and group["alpha"] == 2.5 and group["lr"] == args.learning_rate
     manager = GlobalOptimManager.get_instance()
     assert any(module is model[0] and config == {"optim_bits": 32} for module, _, config in manager.module_weight_config_triple)
+
+
+_DDP_SCRIPT = '''
+import json, sys
+import torch, torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from sklearn.datasets import load_digits
+from hf_rlion.rlion8bit import RLion8bit
+
+def model_and_optimizer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 10))
+    return model, RLion8bit(model.parameters(), lr=1e-3, min_8bit_size=1024)
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+x, y = load_digits(return_X_y=True)
+x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
+model, opt = model_and_optimizer()
+ddp = DistributedDataParallel(model)
+for step in range(8):
+    batch = torch.arange(step * 32, step * 32 + 32)[rank::world]
+    opt.zero_grad()
+    nn.functional.cross_entropy(ddp(x[batch]), y[batch]).backward()
+    opt.step()
+codes = opt.state[model[0].weight]["state1"]
+flat = torch.cat([p.detach().flatten() for p in model.parameters()] + [codes.float().flatten()])
+gathered = [torch.zeros_like(flat) for _ in range(world)]
+dist.all_gather(gathered, flat)
+if rank == 0:
+    twin, twin_opt = model_and_optimizer()  # one process, the whole batch
+    for step in range(8):
+        batch = torch.arange(step * 32, step * 32 + 32)
+        twin_opt.zero_grad()
+        nn.functional.cross_entropy(twin(x[batch]), y[batch]).backward()
+        twin_opt.step()
+    single = torch.cat([p.detach().flatten() for p in twin.parameters()])
+    json.dump({
+        "ranks_identical": torch.equal(gathered[0], gathered[1]),
+        "eight_bit": codes.dtype == torch.uint8,
+        "max_diff_to_single_process": (gathered[0][: single.numel()] - single).abs().max().item(),
+    }, open(sys.argv[1], "w"))
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_ranks_keep_identical_8bit_state(tmp_path):
+    """Two real gloo ranks (accelerate launch): parameters and 8-bit codes stay identical on both ranks
+    and match a one-process run on the whole batch up to the rounding of DDP's gradient average."""
+    import json
+    import os
+    import subprocess
+
+    script, result = tmp_path / "ddp.py", tmp_path / "result.json"
+    script.write_text(_DDP_SCRIPT)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(script), str(result)]  # fmt: skip
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    outcome = json.loads(result.read_text())
+    assert outcome["ranks_identical"] and outcome["eight_bit"]
+    assert outcome["max_diff_to_single_process"] < 1e-5
