@@ -568,12 +568,10 @@ def build_model_and_processor(model_args: ModelArguments, labels: list[str]):
     model_type = model_args.model_type or EMBEDDED_MODEL_TYPE
     if model_type not in transformers.CONFIG_MAPPING:
         raise ValueError(f"--model_type {model_type!r} is not a transformers model type")
-    config = transformers.CONFIG_MAPPING[model_type]()
     overrides = model_args.config_overrides
     if model_args.model_type is None and overrides is None:
         overrides = EMBEDDED_CONFIG_OVERRIDES
-    if overrides:
-        apply_config_overrides(config, overrides)
+    config = config_from_overrides(model_type, overrides)
     config.num_labels = len(labels)
     config.id2label, config.label2id = id2label, label2id
     try:
@@ -605,30 +603,42 @@ def split_overrides(text: str) -> list[tuple[str, str]]:
     return items
 
 
-def apply_config_overrides(config, text: str) -> None:
-    """Set config attributes from ``--config_overrides``; the value's type follows the current value.
+def parse_config_overrides(config, text: str) -> dict[str, Any]:
+    """``--config_overrides`` as typed values; each value's type follows ``config``'s current value.
 
     Lists are written ``[1,2,3]`` (JSON). Unknown keys raise ``ValueError`` naming them.
     """
+    parsed: dict[str, Any] = {}
     for key, value in split_overrides(text):
         if not hasattr(config, key):
             raise ValueError(f"--config_overrides: {type(config).__name__} has no attribute {key!r}")
         current = getattr(config, key)
         if value.startswith("["):
-            parsed = json.loads(value)
+            parsed[key] = json.loads(value)
         elif isinstance(current, bool):
             if value.lower() not in ("true", "false", "1", "0"):
                 raise ValueError(f"--config_overrides: {key} expects true/false, got {value!r}")
-            parsed = value.lower() in ("true", "1")
+            parsed[key] = value.lower() in ("true", "1")
         elif isinstance(current, int):
-            parsed = int(value)
+            parsed[key] = int(value)
         elif isinstance(current, float):
-            parsed = float(value)
-        elif current is None:
-            parsed = json.loads(value) if value[:1].isdigit() or value in ("true", "false", "null") else value
+            parsed[key] = float(value)
+        elif current is None and (value[:1].isdigit() or value in ("true", "false", "null")):
+            parsed[key] = json.loads(value)
         else:
-            parsed = value
-        setattr(config, key, parsed)
+            parsed[key] = value
+    return parsed
+
+
+def config_from_overrides(model_type: str, text: Optional[str]):
+    """A fresh config of ``model_type`` built with the ``--config_overrides`` as constructor arguments.
+
+    Passing them to the constructor (rather than setting attributes afterwards) lets the config
+    derive what depends on them, e.g. a ResNet's ``stage_names``/``out_features`` from ``depths``.
+    """
+    config_class = transformers.CONFIG_MAPPING[model_type]
+    overrides = parse_config_overrides(config_class(), text) if text else {}
+    return config_class(**overrides)
 
 
 def default_image_processor(model_type: str):
@@ -684,7 +694,13 @@ def align_processor(processor, image_size: int, crop_pct: float) -> None:
 
 
 def choose_num_workers(requested: int, data_args: DataTrainingArguments, world_size: int) -> int:
-    """DataLoader workers; ``-1`` = auto: 0 for the in-memory embedded digits, else the CPUs per rank minus one (<= 8)."""
+    """DataLoader workers; ``-1`` = auto: 0 for the in-memory embedded digits, else the CPUs per rank minus one (<= 8).
+
+    Workers are not persistent by default: each epoch's workers are seeded from the main process's
+    RNG, which checkpoints restore, so ``--resume_from_checkpoint`` continues with the same random
+    augmentations as the uninterrupted run (tested). ``--dataloader_persistent_workers`` trades
+    that for less start-up time per epoch.
+    """
     if requested >= 0:
         return requested
     if data_args.embedded:
@@ -733,8 +749,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     training_args.dataloader_num_workers = choose_num_workers(
         training_args.dataloader_num_workers, data_args, training_args.world_size
     )
-    if training_args.dataloader_num_workers > 0:
-        training_args.dataloader_persistent_workers = True
     if data_args.streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps (a stream has no length to count epochs with)")
     token = model_args.token or training_args.hub_token

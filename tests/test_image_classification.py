@@ -1,0 +1,362 @@
+"""The image-classification recipe (recipes/image_classification.py).
+
+What is proven here:
+
+* the offline metric (an ``evaluate.Metric`` defined in the recipe) equals scikit-learn's
+  accuracy and top-k accuracy;
+* the torchvision-free transforms: crop boxes inside the image with the requested area range,
+  eval resize + center crop equal to plain numpy slicing, normalisation exact;
+* ``--config_overrides`` parsing (lists included), column choice, checkpoint resolution and the
+  clear errors (unknown optimizer lists the valid names, unknown column lists the columns,
+  missing/empty image folders, gated dataset, corrupt image named or skipped and counted);
+* end to end, as users run it, with ``HF_HUB_OFFLINE=1``:
+  - one process, ``--optim rlion``, image folders of real digits: the standard output files,
+    checkpoints, and ``--resume_from_checkpoint`` continuing to the same weights as the
+    uninterrupted run;
+  - two real CPU ranks (``accelerate launch --multi_gpu --num_processes 2``), ``--optim rlion_8bit``,
+    the embedded digits, ``--push_to_hub`` to a local stand-in Hub; the pushed folder loads with
+    ``from_pretrained`` and gives the same eval accuracy; the model card carries the metrics and
+    the optimizer's hyperparameters.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from _classification_data import write_corrupt_file, write_digit_folders
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RECIPE = REPO_ROOT / "recipes" / "image_classification.py"
+
+
+def _load_recipe():
+    spec = importlib.util.spec_from_file_location("image_classification_recipe", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+recipe = _load_recipe()
+
+
+def _env(**extra) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.update(extra)
+    return env
+
+
+def _run(command: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"command failed ({proc.returncode}): {' '.join(command)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# Metric
+# ---------------------------------------------------------------------------------------------
+
+
+def test_top_k_accuracy_equals_sklearn():
+    from sklearn.metrics import accuracy_score, top_k_accuracy_score
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(300, 7)).astype(np.float32)
+    labels = rng.integers(0, 7, size=300)
+    logits[np.arange(150), labels[:150]] += 2.0  # half of them mostly right
+    ranked = recipe.ranked_predictions(torch.from_numpy(logits)).numpy()
+    assert ranked.shape == (300, 5)
+    result = recipe.TopKAccuracy(keep_in_memory=True).compute(predictions=ranked, references=labels)
+    assert result["accuracy"] == pytest.approx(accuracy_score(labels, logits.argmax(-1)), abs=0)
+    assert result["top5_accuracy"] == pytest.approx(top_k_accuracy_score(labels, logits, k=5, labels=range(7)), abs=1e-12)
+
+
+def test_top5_accuracy_absent_with_fewer_than_five_classes():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])
+    ranked = recipe.ranked_predictions(logits)
+    result = recipe.TopKAccuracy(keep_in_memory=True).compute(predictions=ranked.numpy(), references=[1, 2])
+    assert result == {"accuracy": 0.5}
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms
+# ---------------------------------------------------------------------------------------------
+
+
+def test_random_resized_crop_box_stays_inside_and_respects_the_area_range():
+    generator = torch.Generator().manual_seed(0)
+    for width, height in [(64, 48), (31, 97), (200, 200)]:
+        for _ in range(200):
+            left, top, right, bottom = recipe.random_resized_crop_box(
+                width, height, (0.3, 0.9), (3 / 4, 4 / 3), generator=generator
+            )
+            assert 0 <= left < right <= width and 0 <= top < bottom <= height
+            area = (right - left) * (bottom - top) / (width * height)
+            ratio = (right - left) / (bottom - top)
+            fallback = (right - left, bottom - top) in [(width, height), (width, round(width / (3 / 4)))] or (
+                left == (width - (right - left)) // 2 and top == (height - (bottom - top)) // 2
+            )
+            if not fallback:
+                # Sides are rounded to whole pixels: allow one pixel of slack in area and ratio.
+                slack_area = (right - left + bottom - top + 1) / (width * height)
+                assert 0.3 - slack_area <= area <= 0.9 + slack_area
+                assert 3 / 4 - 0.1 <= ratio <= 4 / 3 + 0.1
+
+
+def test_eval_transform_is_a_center_crop_and_exact_normalisation():
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, size=(36, 40, 3), dtype=np.uint8)  # height 36, width 40
+    mean, std = (0.2, 0.4, 0.6), (0.5, 0.25, 0.125)
+    # crop_pct chosen so that the "resize shorter side to 32 / crop_pct" step is the identity (36 -> 36).
+    transforms = recipe.ImageTransforms(image_size=32, mean=mean, std=std, eval_crop_pct=32 / 36)
+    out = transforms.eval(Image.fromarray(pixels))
+    expected = (pixels[2:34, 4:36].astype(np.float32) / 255.0 - np.float32(mean)) / np.float32(std)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    np.testing.assert_allclose(out.numpy(), expected.transpose(2, 0, 1), rtol=0, atol=1e-6)
+
+
+def test_train_transform_flips_only_when_asked():
+    pixels = np.zeros((16, 16, 3), dtype=np.uint8)
+    pixels[:, :8] = 255  # left half white
+    image = Image.fromarray(pixels)
+    torch.manual_seed(0)
+    no_flip = recipe.ImageTransforms(16, (0, 0, 0), (1, 1, 1), crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), horizontal_flip=False)
+    assert all(no_flip.train(image)[0, :, 0].min() > 0.99 for _ in range(20))
+    flip = recipe.ImageTransforms(16, (0, 0, 0), (1, 1, 1), crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), horizontal_flip=True)
+    left_is_white = [bool(flip.train(image)[0, :, 0].min() > 0.99) for _ in range(40)]
+    assert 5 < sum(left_is_white) < 35  # flipped about half of the time
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments and errors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_config_overrides_parse_lists_and_follow_the_current_types(tmp_path):
+    import transformers
+
+    config = recipe.config_from_overrides("resnet", "embedding_size=16,hidden_sizes=[16,32,64],depths=[1,1,1],layer_type=basic")
+    assert (config.embedding_size, config.hidden_sizes, config.depths, config.layer_type) == (16, [16, 32, 64], [1, 1, 1], "basic")
+    # Derived settings follow (built through the constructor), so the saved config loads again.
+    assert config.stage_names == ["stem", "stage1", "stage2", "stage3"]
+    config.save_pretrained(tmp_path)
+    assert transformers.AutoConfig.from_pretrained(tmp_path).depths == [1, 1, 1]
+    with pytest.raises(ValueError, match="has no attribute 'hiden_size'"):
+        recipe.config_from_overrides("vit", "hiden_size=3")
+    with pytest.raises(ValueError, match="expected key=value"):
+        recipe.config_from_overrides("vit", "hidden_size")
+
+
+def test_unknown_optimizer_lists_the_valid_names(capsys):
+    with pytest.raises(SystemExit):
+        recipe.parse_arguments(["--optim", "rlionn"])
+    message = capsys.readouterr().err
+    assert "invalid choice: 'rlionn'" in message
+    for name in ("rlion", "rlion_8bit", "paged_rlion_8bit", "adamw_torch"):
+        assert f"'{name}'" in message
+
+
+def test_recipe_defaults_and_rlion_hyperparameters_come_from_the_class():
+    _, data_args, training_args = recipe.parse_arguments([])
+    assert training_args.optim == "rlion" and data_args.embedded
+    assert "alpha" not in (training_args.optim_args or "")  # RLion's own defaults are never overridden here
+
+
+def test_unknown_column_lists_the_columns():
+    with pytest.raises(ValueError, match=r"--label_column_name 'target' is not a column of the dataset; its columns: image, label"):
+        recipe.pick_column(["image", "label"], "target", recipe.LABEL_COLUMN_CANDIDATES, "--label_column_name")
+    assert recipe.pick_column(["__key__", "jpg", "cls"], None, recipe.IMAGE_COLUMN_CANDIDATES, "--image_column_name") == "jpg"
+    assert recipe.pick_column(["__key__", "jpg", "cls"], None, recipe.LABEL_COLUMN_CANDIDATES, "--label_column_name") == "cls"
+
+
+def test_missing_and_empty_image_dirs_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="--train_dir '.*nowhere': no such directory"):
+        recipe.main(["--train_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "out")])
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds no image files"):
+        recipe.main(["--train_dir", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out")])
+
+
+def test_unknown_column_in_a_real_image_folder(tmp_path):
+    train_dir, val_dir = write_digit_folders(tmp_path, classes=(0, 1), per_class_train=2, per_class_val=1)
+    with pytest.raises(ValueError, match="--image_column_name 'jpg' is not a column of the dataset; its columns: image, label"):
+        recipe.main(["--train_dir", str(train_dir), "--image_column_name", "jpg", "--output_dir", str(tmp_path / "out")])
+
+
+def test_gated_dataset_error_says_how_to_get_access():
+    from datasets.exceptions import DatasetNotFoundError
+
+    # The exception datasets raises for a gated repository without a token (datasets/load.py).
+    original = DatasetNotFoundError(
+        "Dataset 'ILSVRC/imagenet-1k' is a gated dataset on the Hub. You must be authenticated to access it."
+    )
+    err = recipe.explain_load_error("ILSVRC/imagenet-1k", original)
+    assert isinstance(err, ValueError)
+    assert "is gated" in str(err) and "https://huggingface.co/datasets/ILSVRC/imagenet-1k" in str(err)
+    assert "HF_TOKEN" in str(err) and "--token" in str(err)
+
+
+def test_missing_dataset_offline_is_a_clear_error(tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    # What HF_HUB_OFFLINE=1 sets when read at import time.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match=r"--dataset_name 'no-such-user/no-such-dataset' could not be reached \(offline\?\)"):
+        recipe.main(["--dataset_name", "no-such-user/no-such-dataset", "--output_dir", str(tmp_path / "out")])
+
+
+def test_resume_from_checkpoint_values(tmp_path):
+    with pytest.raises(ValueError, match="no checkpoint-\\* folder"):
+        recipe.resolve_checkpoint("true", str(tmp_path))
+    (tmp_path / "checkpoint-5").mkdir()
+    (tmp_path / "checkpoint-12").mkdir()
+    assert recipe.resolve_checkpoint("last", str(tmp_path)) == str(tmp_path / "checkpoint-12")
+    assert recipe.resolve_checkpoint(None, str(tmp_path)) is None
+    with pytest.raises(ValueError, match="no such directory"):
+        recipe.resolve_checkpoint(str(tmp_path / "checkpoint-99"), str(tmp_path))
+
+
+def _tiny_run_args(train_dir: Path, val_dir: Path, out: Path) -> list[str]:
+    return [
+        "--train_dir", str(train_dir), "--validation_dir", str(val_dir), "--output_dir", str(out),
+        "--max_steps", "1", "--per_device_train_batch_size", "4", "--dataloader_num_workers", "0",
+        "--save_strategy", "no", "--eval_strategy", "no", "--image_size", "16",
+    ]  # fmt: skip
+
+
+def test_corrupt_image_fails_naming_the_file(tmp_path):
+    train_dir, val_dir = write_digit_folders(tmp_path, classes=(0, 1), per_class_train=2, per_class_val=1)
+    broken = write_corrupt_file(train_dir / "digit_1")
+    with pytest.raises(ValueError, match=f"corrupt image file '{broken}'"):
+        recipe.main(_tiny_run_args(train_dir, val_dir, tmp_path / "out") + ["--per_device_train_batch_size", "8"])
+
+
+def test_corrupt_image_skip_drops_and_counts(tmp_path):
+    train_dir, val_dir = write_digit_folders(tmp_path, classes=(0, 1), per_class_train=3, per_class_val=1)
+    write_corrupt_file(train_dir / "digit_1")
+    write_corrupt_file(val_dir / "digit_0", "also_broken.png")
+    recipe.main(_tiny_run_args(train_dir, val_dir, tmp_path / "out") + ["--corrupt_images", "skip"])
+    train_results = _read_json(tmp_path / "out" / "train_results.json")
+    eval_results = _read_json(tmp_path / "out" / "eval_results.json")
+    assert train_results["train_skipped_images"] == 1 and train_results["train_samples"] == 6
+    assert eval_results["eval_samples"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------------
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_one_process_rlion_checkpoints_and_resume(tmp_path):
+    """Train 3 epochs with a checkpoint per epoch; resume from epoch 2 elsewhere; same final weights."""
+    train_dir, val_dir = write_digit_folders(tmp_path / "data")
+    common = [
+        sys.executable, str(RECIPE), "--train_dir", str(train_dir), "--validation_dir", str(val_dir),
+        "--optim", "rlion", "--num_train_epochs", "3", "--per_device_train_batch_size", "20",
+        "--lr_scheduler_type", "constant", "--save_total_limit", "3", "--seed", "7",
+        "--train_crop_scale", "0.6,1.0", "--horizontal_flip", "false",  # digits: mild crops, no mirror images
+    ]  # fmt: skip
+    full = tmp_path / "full"
+    proc = _run(common + ["--output_dir", str(full)], _env(), tmp_path)
+    assert "eval_accuracy = " in proc.stdout and "1 process(es)" in proc.stdout
+
+    for name in ("all_results.json", "train_results.json", "eval_results.json", "trainer_state.json",
+                 "config.json", "model.safetensors", "preprocessor_config.json"):  # fmt: skip
+        assert (full / name).is_file(), name
+    assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
+    eval_results = _read_json(full / "eval_results.json")
+    all_results = _read_json(full / "all_results.json")
+    assert eval_results["eval_samples"] == 60 and all_results["train_samples"] == 200
+    assert eval_results["eval_accuracy"] == all_results["eval_accuracy"]
+    assert "eval_top5_accuracy" in eval_results  # 5 classes
+    # Real learning on real digits in 30 steps: 5 classes, chance is 0.2.
+    assert eval_results["eval_accuracy"] >= 0.5, eval_results
+    config = _read_json(full / "config.json")
+    assert sorted(config["id2label"].values()) == [f"digit_{d}" for d in range(5)]
+    state = _read_json(full / "trainer_state.json")
+    assert state["global_step"] == 30
+    assert [round(e["epoch"]) for e in state["log_history"] if "eval_accuracy" in e] == [1, 2, 3]
+
+    resumed = tmp_path / "resumed"
+    _run(common + ["--output_dir", str(resumed), "--resume_from_checkpoint", str(full / "checkpoint-20")], _env(), tmp_path)
+    assert _read_json(resumed / "trainer_state.json")["global_step"] == 30
+    a, b = _weights(full), _weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(b[key], a[key]), key  # exact: same data order, augmentations and RLion state
+    assert _read_json(resumed / "eval_results.json")["eval_accuracy"] == eval_results["eval_accuracy"]
+
+
+def test_two_cpu_ranks_rlion_8bit_push_and_reload(tmp_path, local_hub):
+    """2 real gloo ranks, --optim rlion_8bit on the embedded digits, push to a local Hub, reload, same accuracy."""
+    pytest.importorskip("bitsandbytes")
+    from huggingface_hub import ModelCard
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    out = tmp_path / "out"
+    repo_id = f"{local_hub.user}/digits-rlion-8bit"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(RECIPE), "--optim", "rlion_8bit", "--output_dir", str(out), "--max_train_samples", "256",
+        "--max_eval_samples", "96", "--num_train_epochs", "2", "--per_device_train_batch_size", "16",
+        "--push_to_hub", "--hub_model_id", repo_id,
+    ]  # fmt: skip
+    proc = _run(command, _env(ACCELERATE_USE_CPU="1", **local_hub.env), tmp_path)
+    assert "2 process(es)" in proc.stdout
+    assert local_hub.token not in proc.stdout + proc.stderr
+    # 256 samples / (16 per rank x 2 ranks) = 8 steps per epoch: two ranks really shared the data.
+    assert _read_json(out / "trainer_state.json")["global_step"] == 16
+    eval_accuracy = _read_json(out / "eval_results.json")["eval_accuracy"]
+
+    pushed = local_hub.repo_dir(repo_id)
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= {p.name for p in pushed.iterdir()}
+    assert not list(pushed.glob("checkpoint-*"))
+
+    # The pushed model, loaded as a user would, scores the same on the same eval images.
+    model = AutoModelForImageClassification.from_pretrained(pushed).eval()
+    processor = AutoImageProcessor.from_pretrained(pushed)
+    size = processor.size["height"]
+    transforms = recipe.ImageTransforms(size, tuple(processor.image_mean), tuple(processor.image_std), eval_crop_pct=1.0)
+    eval_split = recipe.digits_dataset()["validation"].select(range(96))
+    pixels = torch.stack([transforms.eval(image.convert("RGB")) for image in eval_split["image"]])
+    with torch.no_grad():
+        predictions = model(pixel_values=pixels).logits.argmax(-1).numpy()
+    assert math.isclose(float((predictions == np.asarray(eval_split["label"])).mean()), eval_accuracy, abs_tol=1e-12)
+
+    card = ModelCard.load(pushed / "README.md")
+    data = card.data.to_dict()
+    assert {"hf-rlion", "rlion", "rlion_8bit", "image-classification"} <= set(data["tags"])
+    results = data["model-index"][0]["results"]
+    reported = {m["type"]: m["value"] for r in results for m in r["metrics"]}
+    assert math.isclose(reported["accuracy"], eval_accuracy)
+    import hf_rlion
+
+    signature = inspect.signature(hf_rlion.RLion8bit.__init__).parameters
+    hyper = data["optimizer"]["hyperparameters"]
+    assert hyper["alpha"] == signature["alpha"].default and hyper["alpha_scaling"] == signature["alpha_scaling"].default
+    assert "accelerate launch recipes/image_classification.py" in card.text and "--optim rlion_8bit" in card.text
