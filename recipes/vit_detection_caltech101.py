@@ -886,9 +886,15 @@ def push(args, output_dir: Path, test_metrics: dict, results: dict, categories: 
     from hf_rlion import hub
 
     repo_id = args.hub_model_id or output_dir.resolve().name
-    command = "python recipes/vit_detection_caltech101.py " + shlex.join(
-        a for a in (sys.argv[1:] if sys.argv[1:] else []) if a != "--push_to_hub"
-    )
+    if "/" not in repo_id:  # the token's own namespace, named in the card's usage snippet
+        try:
+            from huggingface_hub import HfApi
+
+            repo_id = f"{HfApi().whoami()['name']}/{repo_id}"
+        except Exception:  # the push itself reports authentication problems clearly
+            pass
+    launcher = f"accelerate launch --num_processes {results['num_processes']} " if results["num_processes"] > 1 else "python "
+    command = launcher + "recipes/vit_detection_caltech101.py " + shlex.join(a for a in sys.argv[1:] if a != "--push_to_hub")
     card = hub.build_model_card(
         model_name=repo_id.split("/")[-1],
         task="object-detection",
@@ -919,7 +925,8 @@ def push(args, output_dir: Path, test_metrics: dict, results: dict, categories: 
         ),
         tags=["vision", "object-detection", "vit", "caltech101"],
         extra_sections={
-            "Evaluation": (
+            "Predictions on test images": "![true (green) and predicted (red) boxes](predictions.png)",
+            "Baseline for context": (
                 f"Whole test split ({test_metrics['num_images']} images): mean IoU "
                 f"{test_metrics['mean_iou']:.4f}, fraction with IoU >= 0.5 {test_metrics['iou_at_0.5']:.4f}; "
                 f"predicting the mean training box gives mean IoU {test_metrics['mean_box_baseline_mean_iou']:.4f}."
