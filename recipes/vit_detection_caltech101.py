@@ -783,9 +783,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         accelerator.load_state(str(resume_path))
         state = json.loads((resume_path / RECIPE_STATE).read_text())
 
-    lr_used = optimizer.param_groups[0]["lr"] if args.lr_scheduler_type == "constant" else scheduler.get_last_lr()[0]
+    base_lr = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
     accelerator.print(
-        f"optimizer {args.optim} lr {args.learning_rate if args.learning_rate is not None else lr_used} "
+        f"optimizer {args.optim} lr {base_lr} ({args.lr_scheduler_type} schedule) "
         f"weight decay {args.weight_decay} {args.optim_kwargs or ''}; {steps_per_epoch} steps/epoch x {args.num_train_epochs} epochs"
     )
     progress = tqdm(

@@ -6,15 +6,16 @@ ViT encoder (width 64, 4 layers, 4 heads, MLP width 128), the final LayerNorm'd 
 flattened (49 * 64 = 3136 features) into an MLP head with hidden sizes
 (2048, 1024, 512, 64, 32), GELU and dropout 0.3, ending in 4 outputs. Those defaults are the
 public baseline's; here the last layer is followed by a sigmoid so the prediction is a
-normalised box (x1, y1, x2, y2) in [0, 1].
+normalised box (x1, y1, x2, y2) in [0, 1], its corners ordered (min, max) so that it is
+always a valid box. The last layer's bias starts at logit(0.25, 0.25, 0.75, 0.75), so the
+untrained model predicts the centred half-size box instead of a zero-area one.
 
 Losses (``config.loss``):
     ``"mse"``  (default, the baseline's): mean over the batch and the 4 coordinates of
                (pred - target)^2.
     ``"giou"``: mean of 1 - GIoU(pred, target), where for boxes A, B with smallest enclosing
                box C, GIoU = IoU - (area(C) - area(A u B)) / area(C) (Rezatofighi et al.
-               2019). The predicted corners are ordered (min/max) first, so the loss is
-               defined for every network output.
+               2019).
 
 With ``config.class_head=True`` a linear layer on the mean of the patch tokens also predicts
 the category
@@ -35,9 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import ViTConfig, ViTModel, ViTPreTrainedModel
+from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 BOX_LOSSES = ("mse", "giou")
+INITIAL_BOX = (0.25, 0.25, 0.75, 0.75)  # what the untrained head predicts (output bias)
 
 
 class ViTBoxRegressionConfig(ViTConfig):
@@ -151,6 +154,14 @@ class ViTBoxRegressionModel(ViTPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.class_head else None
         self.post_init()
 
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        box_head = getattr(self, "box_head", None)
+        if box_head is not None and module is box_head[-1]:
+            # Start from the centred box (0.25, 0.25, 0.75, 0.75) rather than sigmoid(0) = 0.5
+            # for every corner, a zero-area box from which the GIoU loss does not recover.
+            init.copy_(module.bias, torch.logit(torch.tensor(INITIAL_BOX, dtype=module.bias.dtype)))
+
     @classmethod
     def from_pretrained_backbone(cls, backbone_path: str, **config_overrides) -> "ViTBoxRegressionModel":
         """A new box model whose ViT encoder is loaded from ``backbone_path`` (a ViT checkpoint
@@ -177,7 +188,9 @@ class ViTBoxRegressionModel(ViTPreTrainedModel):
         """``boxes`` (batch, 4) normalised targets and ``labels`` (batch,) category ids are optional;
         given, the loss is returned."""
         tokens = self.vit(pixel_values).last_hidden_state  # (batch, 1 + patches, hidden), LayerNorm'd
-        pred_boxes = torch.sigmoid(self.box_head(tokens[:, 1:]).float())
+        # Corners ordered, so every prediction is a valid box (with GIoU the raw outputs may
+        # come out as (x2, y2, x1, y1): the loss does not see the order, IoU would).
+        pred_boxes = ordered_corners(torch.sigmoid(self.box_head(tokens[:, 1:]).float()))
         logits = self.classifier(tokens[:, 1:].mean(1)).float() if self.classifier is not None else None
 
         loss = box_loss = None
@@ -186,7 +199,7 @@ class ViTBoxRegressionModel(ViTPreTrainedModel):
             if self.config.loss == "mse":
                 box_loss = F.mse_loss(pred_boxes, boxes)
             else:
-                box_loss = (1.0 - generalized_box_iou(ordered_corners(pred_boxes), boxes)).mean()
+                box_loss = (1.0 - generalized_box_iou(pred_boxes, boxes)).mean()
             loss = box_loss
         if logits is not None and labels is not None:
             class_loss = F.cross_entropy(logits, labels) * self.config.class_loss_weight
