@@ -14,10 +14,9 @@
  *     m   = lerp(m, g', 1 - beta2)
  *
  * Memory traffic: read p, g, m and write p, m (20 bytes per fp32 parameter). The "rms" rule
- * needs RMS(c_hat) of the whole tensor before the first update, so it reads g and m once more;
- * tensors are processed in batches small enough that this second read hits the cache.
- * The only temporaries are per-call arrays of chunk descriptors and partial sums
- * (a few bytes per 16384 elements), never a tensor-sized buffer.
+ * needs RMS(c_hat) of the whole tensor before the first update, so it reads g and m once more
+ * (from cache where the tensor fits: see rlion_step). The only temporaries are per-call tables
+ * of chunk owners and partial sums (12 bytes per 16384 elements), never a tensor-sized buffer.
  *
  * Parameters may be float32, bfloat16 or float16 (gradient in the same dtype); the momentum
  * is always float32 and all arithmetic is float32, except the sum of squares (double).
@@ -177,89 +176,104 @@ static void update(int dtype, void *p, const void *g, float *m, int64_t lo, int6
     }
 }
 
-typedef struct {
-    int32_t tensor;
-    int64_t lo, hi;
-} chunk_t;
+/* RMS(c_hat) of tensor t from its per-chunk sums of squares, and the resulting multiplier k.
+ * The chunk sums are added in chunk order, so k does not depend on the number of threads. */
+static float rms_scale(const double *chunk_sums, int64_t n_chunks, int64_t numel, float alpha, double inv_bc) {
+    double total = 0.0;
+    for (int64_t i = 0; i < n_chunks; i++) total += chunk_sums[i];
+    /* RMS(c_hat) = RMS(c) * inv_bc, clamped below by FLT_MIN (as the torch path) */
+    double rms_c_hat = sqrt(total / (double)numel) * inv_bc;
+    if (!(rms_c_hat >= (double)FLT_MIN)) rms_c_hat = (double)FLT_MIN;
+    return (float)((double)alpha / rms_c_hat * inv_bc);
+}
+
+static int64_t n_chunks_of(int64_t numel) { return (numel + CHUNK - 1) / CHUNK; }
+static int64_t chunk_end(int64_t lo, int64_t numel) { return lo + CHUNK < numel ? lo + CHUNK : numel; }
 
 /* One RLion step over n tensors (one param group, one call).
  *
  * inv_bias_correction[t] = 1 / (1 - beta1^step_t) (1 when bias correction is off).
- * rms != 0 selects alpha_scaling="rms". batch_numel bounds how many elements are reduced
- * before they are updated (the cache-reuse window of the "rms" rule).
- * Returns 0, or -1 when the chunk table could not be allocated.
+ * rms != 0 selects alpha_scaling="rms".
+ *
+ * Work split ("fixed"): all tensors cut into CHUNK-element chunks, handed out dynamically;
+ * one barrier for the whole call.
+ * Work split ("rms"): a tensor's update needs the RMS of the whole tensor first. Tensors below
+ * split_numel are each done by one thread from start to end (reduction, then the update walking
+ * backwards so the data the reduction read last is still in cache), handed out dynamically with
+ * no barrier at all; barriers cost milliseconds on an oversubscribed machine. Larger tensors are
+ * split across the threads, with one barrier between their two passes.
+ * Returns 0, or -1 when the small per-chunk tables could not be allocated.
  */
 int rlion_step(int32_t n, void *const *params, const void *const *grads, float *const *exp_avgs,
                const int64_t *numels, const int32_t *dtypes, const double *inv_bias_correction, float w1,
                float w2, float lr, float weight_decay, float alpha, int32_t rms, int32_t maximize,
-               int64_t batch_numel, int32_t num_threads) {
+               int64_t split_numel, int32_t num_threads) {
     rlion_hp h;
     h.w1 = w1;
     h.w2 = w2;
     h.decay = weight_decay != 0.0f ? (float)(1.0 - (double)lr * (double)weight_decay) : 1.0f;
     h.step_lr = (float)((double)lr * 0.63661977236758134308); /* 2 / pi */
     h.gsign = maximize ? -1.0f : 1.0f;
+    if (num_threads < 1) num_threads = 1;
 
-    int64_t n_chunks = 0;
-    for (int32_t t = 0; t < n; t++) n_chunks += (numels[t] + CHUNK - 1) / CHUNK;
-    chunk_t *chunks = malloc(sizeof(chunk_t) * (size_t)(n_chunks + 1));
-    double *partial = malloc(sizeof(double) * (size_t)(n_chunks + 1));
-    float *scale = malloc(sizeof(float) * (size_t)(n + 1));
-    /* batch_start[b] .. batch_start[b+1]: the chunks of batch b (whole tensors only) */
-    int64_t *batch_start = malloc(sizeof(int64_t) * (size_t)(n + 2));
-    if (!chunks || !partial || !scale || !batch_start) {
-        free(chunks), free(partial), free(scale), free(batch_start);
+    /* chunk_offset[t]: index of tensor t's first chunk in the flat chunk numbering */
+    int64_t *chunk_offset = malloc(sizeof(int64_t) * (size_t)(n + 1));
+    if (!chunk_offset) return -1;
+    chunk_offset[0] = 0;
+    for (int32_t t = 0; t < n; t++) chunk_offset[t + 1] = chunk_offset[t] + n_chunks_of(numels[t]);
+    const int64_t total_chunks = chunk_offset[n];
+    int32_t *chunk_tensor = malloc(sizeof(int32_t) * (size_t)(total_chunks + 1));
+    double *chunk_sums = rms ? malloc(sizeof(double) * (size_t)(total_chunks + 1)) : NULL;
+    if (!chunk_tensor || (rms && !chunk_sums)) {
+        free(chunk_offset), free(chunk_tensor), free(chunk_sums);
         return -1;
     }
-    int64_t c = 0, n_batches = 0, in_batch = 0;
-    for (int32_t t = 0; t < n; t++) {
-        if (numels[t] == 0) continue;
-        if (in_batch > 0 && in_batch + numels[t] > batch_numel) in_batch = 0;
-        if (in_batch == 0) batch_start[n_batches++] = c;
-        in_batch += numels[t];
-        for (int64_t lo = 0; lo < numels[t]; lo += CHUNK) {
-            chunks[c].tensor = t;
-            chunks[c].lo = lo;
-            chunks[c].hi = lo + CHUNK < numels[t] ? lo + CHUNK : numels[t];
-            c++;
-        }
-    }
-    batch_start[n_batches] = c;
-    for (int32_t t = 0; t < n; t++) scale[t] = (float)((double)alpha * inv_bias_correction[t]);
+    for (int32_t t = 0; t < n; t++)
+        for (int64_t i = chunk_offset[t]; i < chunk_offset[t + 1]; i++) chunk_tensor[i] = t;
 
+    if (!rms) {
+#pragma omp parallel for schedule(dynamic, 2) num_threads(num_threads) if (total_chunks > 1)
+        for (int64_t i = 0; i < total_chunks; i++) {
+            const int32_t t = chunk_tensor[i];
+            const int64_t lo = (i - chunk_offset[t]) * CHUNK;
+            const float k = (float)((double)alpha * inv_bias_correction[t]);
+            update(dtypes[t], params[t], grads[t], exp_avgs[t], lo, chunk_end(lo, numels[t]), &h, k);
+        }
+    } else {
 #pragma omp parallel num_threads(num_threads)
-    for (int64_t b = 0; b < n_batches; b++) {
-        const int64_t first = batch_start[b], last = batch_start[b + 1];
-        if (rms) {
-#pragma omp for schedule(dynamic, 2)
-            for (int64_t i = first; i < last; i++) {
-                const chunk_t ch = chunks[i];
-                partial[i] = sumsq(dtypes[ch.tensor], grads[ch.tensor], exp_avgs[ch.tensor], ch.lo, ch.hi, &h);
+        {
+            /* tensors below split_numel: one thread each, no synchronisation */
+#pragma omp for schedule(dynamic, 1) nowait
+            for (int32_t t = 0; t < n; t++) {
+                if (numels[t] >= split_numel || numels[t] == 0) continue;
+                const int64_t nc = n_chunks_of(numels[t]);
+                double *sums = chunk_sums + chunk_offset[t];
+                for (int64_t c = 0; c < nc; c++)
+                    sums[c] = sumsq(dtypes[t], grads[t], exp_avgs[t], c * CHUNK, chunk_end(c * CHUNK, numels[t]), &h);
+                const float k = rms_scale(sums, nc, numels[t], alpha, inv_bias_correction[t]);
+                for (int64_t c = nc - 1; c >= 0; c--)
+                    update(dtypes[t], params[t], grads[t], exp_avgs[t], c * CHUNK, chunk_end(c * CHUNK, numels[t]), &h,
+                           k);
             }
-            /* implicit barrier; partial sums are added in chunk order: the result does not
-             * depend on the number of threads */
-#pragma omp single
-            {
-                int64_t i = first;
-                while (i < last) {
-                    const int32_t t = chunks[i].tensor;
-                    double total = 0.0;
-                    for (; i < last && chunks[i].tensor == t; i++) total += partial[i];
-                    /* RMS(c_hat) = RMS(c) * inv_bc, clamped below by FLT_MIN (as the torch path) */
-                    double rms_c_hat = sqrt(total / (double)numels[t]) * inv_bias_correction[t];
-                    if (!(rms_c_hat >= (double)FLT_MIN)) rms_c_hat = (double)FLT_MIN;
-                    scale[t] = (float)((double)alpha / rms_c_hat * inv_bias_correction[t]);
+            /* large tensors: both passes split across the threads */
+            for (int32_t t = 0; t < n; t++) {
+                if (numels[t] < split_numel || numels[t] == 0) continue;
+                const int64_t nc = n_chunks_of(numels[t]);
+                double *sums = chunk_sums + chunk_offset[t];
+#pragma omp for schedule(dynamic, 2)
+                for (int64_t c = 0; c < nc; c++)
+                    sums[c] = sumsq(dtypes[t], grads[t], exp_avgs[t], c * CHUNK, chunk_end(c * CHUNK, numels[t]), &h);
+                const float k = rms_scale(sums, nc, numels[t], alpha, inv_bias_correction[t]);
+#pragma omp for schedule(dynamic, 2) nowait
+                for (int64_t j = 0; j < nc; j++) {
+                    const int64_t c = nc - 1 - j;
+                    update(dtypes[t], params[t], grads[t], exp_avgs[t], c * CHUNK, chunk_end(c * CHUNK, numels[t]), &h,
+                           k);
                 }
             }
         }
-#pragma omp for schedule(dynamic, 2)
-        for (int64_t i = first; i < last; i++) {
-            const chunk_t ch = chunks[i];
-            update(dtypes[ch.tensor], params[ch.tensor], grads[ch.tensor], exp_avgs[ch.tensor], ch.lo, ch.hi, &h,
-                   scale[ch.tensor]);
-        }
     }
-    free(chunks), free(partial), free(scale), free(batch_start);
+    free(chunk_offset), free(chunk_tensor), free(chunk_sums);
     return 0;
 }
 

@@ -13,7 +13,7 @@ with ``k = α / (1 − β1^t)`` (``alpha_scaling="fixed"``) or ``k = α / max(RM
 Why it is fast: torch's eager step makes one pass over memory per operation (lerp, mul, atan,
 add, lerp: ~10 passes) and ``torch.atan`` runs at ~0.45 G elements/s on two cores. The kernel
 reads θ, g, m and writes θ, m once (20 bytes per float32 parameter; the ``"rms"`` rule reads g
-and m once more, in cache-sized batches so that the second read mostly hits the cache), with a
+and m once more, tensor by tensor, so that the second read partly hits the cache), with a
 vectorised arctan (:func:`atan`, within 1 ulp of the correctly rounded value). It allocates no
 tensor-sized temporaries.
 
@@ -38,10 +38,11 @@ __all__ = ["is_supported", "check_supported", "fused_rlion", "atan", "finite_mas
 _KERNEL_SOURCE = "_rlion_kernel.c"
 _ABI_VERSION = 1
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-#: Elements reduced before they are updated under ``alpha_scaling="rms"``: g and m of this many
-#: elements (8 bytes each) should stay in cache between the two passes (L2/L3 of one socket).
-RMS_BATCH_NUMEL = 1 << 20
-
+#: Under ``alpha_scaling="rms"`` a tensor with fewer elements than this is reduced and updated by
+#: one thread (no synchronisation; its second read mostly hits that core's cache); larger ones are
+#: split across threads. The threshold is raised to a quarter of each thread's share of the group
+#: so that the per-thread tensors still balance.
+RMS_SPLIT_MIN_NUMEL = 1 << 20
 _library: Optional[ctypes.CDLL] = None
 _library_loaded = False
 
@@ -74,7 +75,7 @@ def _load() -> Optional[ctypes.CDLL]:
                 ctypes.c_float,  # alpha
                 ctypes.c_int32,  # rms
                 ctypes.c_int32,  # maximize
-                ctypes.c_int64,  # batch_numel
+                ctypes.c_int64,  # split_numel
                 ctypes.c_int32,  # num_threads
             ]
             lib.rlion_atan_f32.restype = None
@@ -124,6 +125,12 @@ def _kernel_eligible(p: Tensor, g: Tensor, m: Tensor) -> bool:
         and m.is_contiguous()
         and g.shape == p.shape == m.shape
     )
+
+
+def _rms_split_numel(numels: list[int], threads: int) -> int:
+    if threads <= 1:
+        return 1 << 62  # one thread: never split, never synchronise
+    return max(RMS_SPLIT_MIN_NUMEL, sum(numels) // (4 * threads))
 
 
 def _pointer_array(tensors: list[Tensor]):
@@ -186,6 +193,7 @@ def fused_rlion(
         *[1.0 / (1.0 - beta1 ** steps[i]) if bias_correction else 1.0 for i in kernel]
     )
     numels = (ctypes.c_int64 * n)(*[p.numel() for p in ps])
+    threads = torch.get_num_threads()
     dtypes = (ctypes.c_int32 * n)(*[_DTYPE_CODES[p.dtype] for p in ps])
     status = lib.rlion_step(
         n,
@@ -202,8 +210,8 @@ def fused_rlion(
         alpha,
         1 if alpha_scaling == "rms" else 0,
         1 if maximize else 0,
-        RMS_BATCH_NUMEL,
-        torch.get_num_threads(),
+        _rms_split_numel(list(numels), threads),
+        threads,
     )
     if status != 0:
         raise MemoryError("fused RLion kernel: could not allocate its chunk table")

@@ -134,6 +134,22 @@ def test_results_do_not_depend_on_the_thread_count():
         assert torch.equal(a, b)
 
 
+def test_tensors_split_across_threads_give_the_same_numbers(monkeypatch):
+    # "rms": small tensors are done by one thread each, large ones split across threads
+    params, grads = make_problem(seed=6, steps=4)
+    owned, _ = run(params, grads, fused=True)
+    monkeypatch.setattr(fused_cpu, "RMS_SPLIT_MIN_NUMEL", 1)  # now every tensor above ~1/8 of the group splits
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(2, threads))
+        split, _ = run(params, grads, fused=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert fused_cpu._rms_split_numel([p.numel() for p in params], 2) < max(p.numel() for p in params)
+    for a, b in zip(owned, split):
+        assert torch.equal(a, b)
+
+
 def test_non_contiguous_tensors_fall_back_to_the_reference_in_the_same_call():
     gen = torch.Generator().manual_seed(4)
     params = [torch.randn(40, 30, generator=gen).t(), torch.randn(20000, generator=gen), torch.randn(7, generator=gen)]
