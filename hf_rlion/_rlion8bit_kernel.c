@@ -14,16 +14,19 @@
  *
  * The element-wise arithmetic mirrors the torch reference operation by operation (torch's
  * vectorised lerp is fma(w, end - start, start) for |w| < 0.5 and fma(w - 1, end - start, end)
- * otherwise, and add-with-alpha is an fma, so fmaf is used in the same places); this file is compiled with -std=c11, so the compiler contracts nothing on its own.
- * The only differences from the reference are the arctangent (within 1 ulp of the correctly
- * rounded value, like torch.atan, so the two differ by at most 2 ulp) and the order in which the sum of squares for the
- * "rms" scaling is accumulated (double here, float32 in torch).
+ * otherwise, and add-with-alpha is an fma, so fmaf is used in the same places); this file is
+ * compiled with -std=c11, so the compiler contracts nothing on its own. The only differences
+ * from the reference are the arctangent (within 1 ulp of the correctly rounded value, like
+ * torch.atan, so the two differ by at most 2 ulp) and the order in which the sum of squares of
+ * the "rms" scaling is accumulated (float per chunk and double across chunks here, float32 in
+ * torch).
  *
- * Memory: no temporaries beyond 256 floats per thread.
+ * Memory: no tensor-sized temporaries (see rlion8bit_step_many_f32).
  */
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define BLOCK 256
 
@@ -108,68 +111,151 @@ static inline float quantize_block(const float *m, const uint8_t *lut, int64_t l
     return block_max;
 }
 
-/* Pass 1 of the "rms" scaling: sum over the tensor of c_hat^2 (c_hat as in pass 2). */
-double rlion8bit_sumsq_f32(const float *grad, const uint8_t *codes, const float *absmax, const float *qmap,
-                           int64_t n, float w1, float bias_div, int bias_correction, int maximize, int threads) {
-    const int64_t blocks = (n + BLOCK - 1) / BLOCK;
-    const float grad_sign = maximize ? -1.0f : 1.0f;
-    const float divisor = bias_correction ? bias_div : 1.0f;
-    const int small1 = fabsf(w1) < 0.5f;
-    const float w1_minus_1 = w1 - 1.0f;
-    double total = 0.0;
-#pragma omp parallel for schedule(static) reduction(+ : total) num_threads(threads)
-    for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t start = b * BLOCK;
-        const int64_t len = start + BLOCK < n ? BLOCK : n - start;
-        const float *gr = grad + start;
-        float m[BLOCK];
-        dequantize_block(codes + start, qmap, absmax[b], len, m);
-        float partial = 0.0f;
+/* Per-block work of the two passes. */
+
+/* sum over one block of c_hat^2, c_hat = lerp(m, g, 1 - beta1) / divisor */
+static inline float block_sumsq(const float *gr, const uint8_t *q, const float *qmap, float scale, int64_t len,
+                                float grad_sign, int small1, float w1, float w1_minus_1, float divisor) {
+    float m[BLOCK];
+    dequantize_block(q, qmap, scale, len, m);
+    float partial = 0.0f;
 #pragma omp simd reduction(+ : partial)
-        for (int64_t i = 0; i < len; ++i) {
-            const float g = gr[i] * grad_sign;
-            const float d = g - m[i];
-            const float c = (small1 ? fmaf(w1, d, m[i]) : fmaf(w1_minus_1, d, g)) / divisor;
-            partial = fmaf(c, c, partial);
-        }
-        total += (double)partial;
+    for (int64_t i = 0; i < len; ++i) {
+        const float g = gr[i] * grad_sign;
+        const float d = g - m[i];
+        const float c = (small1 ? fmaf(w1, d, m[i]) : fmaf(w1_minus_1, d, g)) / divisor;
+        partial = fmaf(c, c, partial);
     }
-    return total;
+    return partial;
 }
 
-/* Pass 2: the step. Per element:
- *   m = qmap[code] * absmax;  c = lerp(m, g, 1 - beta1);  c /= bias_div (if bias_correction)
- *   u = atan(c * alpha) * 2/pi;  p = p * decay (if apply_decay);  p = p + (-lr) * u
- *   m' = lerp(m, g, 1 - beta2), requantised per block. */
-void rlion8bit_step_f32(float *param, const float *grad, uint8_t *codes, float *absmax, const float *qmap,
-                        const uint8_t *lut, int64_t n, float w1, float w2, float bias_div, int bias_correction,
-                        float alpha, float two_over_pi, float decay, int apply_decay, float neg_lr, int maximize,
-                        int threads) {
-    const int64_t blocks = (n + BLOCK - 1) / BLOCK;
+/* the step on one block; returns the block's new absmax (its codes are written to q) */
+static inline float block_step(float *p, const float *gr, uint8_t *q, const float *qmap, const uint8_t *lut,
+                               float scale, int64_t len, float grad_sign, int small1, float w1, float w1_minus_1,
+                               int small2, float w2, float w2_minus_1, float divisor, float alpha, float two_over_pi,
+                               float decay_factor, float neg_lr) {
+    float m[BLOCK];
+    dequantize_block(q, qmap, scale, len, m);
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+        const float g = gr[i] * grad_sign;
+        const float d = g - m[i];
+        const float c = (small1 ? fmaf(w1, d, m[i]) : fmaf(w1_minus_1, d, g)) / divisor;
+        const float u = fast_atanf(c * alpha) * two_over_pi;
+        p[i] = fmaf(u, neg_lr, p[i] * decay_factor);
+        m[i] = small2 ? fmaf(w2, d, m[i]) : fmaf(w2_minus_1, d, g);
+    }
+    return quantize_block(m, lut, len, q);
+}
+
+/* One RLion step on `count` float32 tensors with 8-bit state, in one parallel region.
+ *
+ * Per element:  m = qmap[code] * absmax;  c = lerp(m, g, 1 - beta1);  c /= bias_div[t] (if bias_correction)
+ *               u = atan(c * alpha_t) * 2/pi;  p = p * decay (if apply_decay);  p = p + (-lr) * u
+ *               m' = lerp(m, g, 1 - beta2), requantised per block.
+ * alpha_t = alpha ("fixed") or alpha / max(RMS(c_hat), FLT_MIN) over tensor t ("rms"), with each
+ * intermediate rounded to float32 as torch computes it (norm, norm / sqrt(n), alpha / rms); the
+ * sum of squares is accumulated per chunk in float and across chunks in double, in chunk order
+ * (the result does not depend on the number of threads).
+ *
+ * Work is split into chunks of CHUNK_BLOCKS blocks handed out dynamically, so a thread that the
+ * OS deschedules on a busy machine does not hold the others up. Temporaries: 256 floats per
+ * thread, plus per-call arrays of chunk descriptors and partial sums (24 bytes per 16384
+ * elements). Returns 0, or -1 if those arrays cannot be allocated (nothing is modified then). */
+#define CHUNK_BLOCKS 64
+
+int rlion8bit_step_many_f32(int64_t count, float *const *params, const float *const *grads, uint8_t *const *codes,
+                            float *const *absmaxes, const float *const *qmaps, const uint8_t *const *luts,
+                            const int64_t *numels, const float *bias_divs, float w1, float w2, int bias_correction,
+                            float alpha, int rms_scaling, float two_over_pi, float decay, int apply_decay,
+                            float neg_lr, int maximize, int threads) {
+    int64_t chunks = 0;
+    for (int64_t t = 0; t < count; ++t)
+        chunks += ((numels[t] + BLOCK - 1) / BLOCK + CHUNK_BLOCKS - 1) / CHUNK_BLOCKS;
+    if (chunks == 0)
+        return 0;
+    int64_t *chunk_tensor = malloc(sizeof(int64_t) * chunks);
+    int64_t *chunk_block = malloc(sizeof(int64_t) * chunks);
+    double *chunk_sumsq = malloc(sizeof(double) * chunks);
+    float *alphas = malloc(sizeof(float) * count);
+    if (!chunk_tensor || !chunk_block || !chunk_sumsq || !alphas) {
+        free(chunk_tensor);
+        free(chunk_block);
+        free(chunk_sumsq);
+        free(alphas);
+        return -1;
+    }
+    int64_t k = 0;
+    for (int64_t t = 0; t < count; ++t) {
+        const int64_t blocks = (numels[t] + BLOCK - 1) / BLOCK;
+        for (int64_t b = 0; b < blocks; b += CHUNK_BLOCKS) {
+            chunk_tensor[k] = t;
+            chunk_block[k] = b;
+            ++k;
+        }
+    }
     const float grad_sign = maximize ? -1.0f : 1.0f;
-    const float divisor = bias_correction ? bias_div : 1.0f;
     const float decay_factor = apply_decay ? decay : 1.0f;
     const int small1 = fabsf(w1) < 0.5f, small2 = fabsf(w2) < 0.5f;
     const float w1_minus_1 = w1 - 1.0f, w2_minus_1 = w2 - 1.0f;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t start = b * BLOCK;
-        const int64_t len = start + BLOCK < n ? BLOCK : n - start;
-        float *p = param + start;
-        const float *gr = grad + start;
-        float m[BLOCK];
-        dequantize_block(codes + start, qmap, absmax[b], len, m);
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) {
-            const float g = gr[i] * grad_sign;
-            const float d = g - m[i];
-            const float c = (small1 ? fmaf(w1, d, m[i]) : fmaf(w1_minus_1, d, g)) / divisor;
-            const float u = fast_atanf(c * alpha) * two_over_pi;
-            p[i] = fmaf(u, neg_lr, p[i] * decay_factor);
-            m[i] = small2 ? fmaf(w2, d, m[i]) : fmaf(w2_minus_1, d, g);
+
+#pragma omp parallel num_threads(threads)
+    {
+        if (rms_scaling) {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t c = 0; c < chunks; ++c) {
+                const int64_t t = chunk_tensor[c], n = numels[t];
+                const float divisor = bias_correction ? bias_divs[t] : 1.0f;
+                const int64_t last = chunk_block[c] + CHUNK_BLOCKS < (n + BLOCK - 1) / BLOCK
+                                         ? chunk_block[c] + CHUNK_BLOCKS
+                                         : (n + BLOCK - 1) / BLOCK;
+                double sum = 0.0;
+                for (int64_t b = chunk_block[c]; b < last; ++b) {
+                    const int64_t start = b * BLOCK;
+                    const int64_t len = start + BLOCK < n ? BLOCK : n - start;
+                    sum += (double)block_sumsq(grads[t] + start, codes[t] + start, qmaps[t], absmaxes[t][b], len,
+                                               grad_sign, small1, w1, w1_minus_1, divisor);
+                }
+                chunk_sumsq[c] = sum;
+            }
+#pragma omp single
+            {
+                int64_t c = 0;
+                for (int64_t t = 0; t < count; ++t) {
+                    double sum = 0.0;
+                    for (; c < chunks && chunk_tensor[c] == t; ++c)
+                        sum += chunk_sumsq[c];
+                    const float norm = (float)sqrt(sum);
+                    float rms = norm / (float)sqrt((double)(numels[t] > 0 ? numels[t] : 1));
+                    rms = rms > FLT_MIN ? rms : FLT_MIN;
+                    alphas[t] = alpha / rms;
+                }
+            }
+        } else {
+#pragma omp single
+            for (int64_t t = 0; t < count; ++t)
+                alphas[t] = alpha;
         }
-        absmax[b] = quantize_block(m, lut, len, codes + start);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t c = 0; c < chunks; ++c) {
+            const int64_t t = chunk_tensor[c], n = numels[t];
+            const float divisor = bias_correction ? bias_divs[t] : 1.0f;
+            const int64_t blocks = (n + BLOCK - 1) / BLOCK;
+            const int64_t last = chunk_block[c] + CHUNK_BLOCKS < blocks ? chunk_block[c] + CHUNK_BLOCKS : blocks;
+            for (int64_t b = chunk_block[c]; b < last; ++b) {
+                const int64_t start = b * BLOCK;
+                const int64_t len = start + BLOCK < n ? BLOCK : n - start;
+                absmaxes[t][b] = block_step(params[t] + start, grads[t] + start, codes[t] + start, qmaps[t], luts[t],
+                                            absmaxes[t][b], len, grad_sign, small1, w1, w1_minus_1, small2, w2,
+                                            w2_minus_1, divisor, alphas[t], two_over_pi, decay_factor, neg_lr);
+            }
+        }
     }
+    free(chunk_tensor);
+    free(chunk_block);
+    free(chunk_sumsq);
+    free(alphas);
+    return 0;
 }
 
 /* arctan alone, for the accuracy test against torch.atan. */

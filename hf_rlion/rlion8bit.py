@@ -67,7 +67,7 @@ BLOCKSIZE = 256
 #: bitsandbytes allocates paged state only for tensors at least this large (its ``get_state_buffer``).
 _PAGED_MIN_NUMEL = 100_000
 _OPTIM_BITS = (8, 32)
-#: Below this many elements the kernel runs on one thread (waking a thread team costs more).
+#: Below this many elements in one call the kernel runs on one thread (waking a thread team costs more).
 _PARALLEL_MIN_NUMEL = 1 << 16
 _TWO_OVER_PI = 2.0 / math.pi
 # Per-parameter overrides from GlobalOptimManager that we apply; bitsandbytes keys with no
@@ -123,11 +123,9 @@ def _load_kernel() -> Optional[ctypes.CDLL]:
         library = native.load("_rlion8bit_kernel.c")
         if library is not None:
             p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-            library.rlion8bit_sumsq_f32.argtypes = [p, p, p, p, i64, f32, f32, i32, i32, i32]
-            library.rlion8bit_sumsq_f32.restype = ctypes.c_double
-            library.rlion8bit_step_f32.argtypes = [p, p, p, p, p, p, i64, f32, f32, f32, i32]
-            library.rlion8bit_step_f32.argtypes += [f32, f32, f32, i32, f32, i32, i32]
-            library.rlion8bit_step_f32.restype = None
+            library.rlion8bit_step_many_f32.argtypes = [i64, p, p, p, p, p, p, p, p, f32, f32, i32]
+            library.rlion8bit_step_many_f32.argtypes += [f32, i32, f32, f32, i32, f32, i32, i32]
+            library.rlion8bit_step_many_f32.restype = ctypes.c_int
             library.rlion8bit_atan_f32.argtypes = [p, p, i64]
             library.rlion8bit_atan_f32.restype = None
         _kernel, _kernel_loaded = library, True
@@ -170,18 +168,18 @@ def _kernel_unsupported_reason(param: Tensor, grad: Tensor, codes: Tensor, qmap:
     return ""
 
 
-def _float32(value: float) -> float:
-    return float(torch.tensor(value, dtype=torch.float32))
+def _pointer_array(tensors: list[Tensor]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
 
 
-def fused_update_(
+def fused_update_many_(
     library: ctypes.CDLL,
-    param: Tensor,
-    grad: Tensor,
-    codes: Tensor,
-    absmax: Tensor,
-    qmap: Tensor,
-    step: int,
+    params: list[Tensor],
+    grads: list[Tensor],
+    codes: list[Tensor],
+    absmaxes: list[Tensor],
+    qmaps: list[Tensor],
+    steps: list[int],
     *,
     lr: float,
     beta1: float,
@@ -192,33 +190,26 @@ def fused_update_(
     bias_correction: bool,
     maximize: bool,
 ) -> None:
-    """The same step as :func:`rlion8bit_reference_update_`, by the C kernel (float32, CPU).
+    """The step of :func:`rlion8bit_reference_update_` on many float32 CPU tensors, by the C kernel.
 
+    One call, one parallel region for all tensors (work handed out in chunks of 16384 elements).
     The per-tensor α of ``alpha_scaling="rms"`` is computed as :func:`hf_rlion.rlion._effective_alpha`
     computes it (each intermediate rounded to float32), from a first pass that sums ĉ².
     """
-    grad = grad.contiguous()
-    n = param.numel()
-    lut = quantize_lut(qmap)
-    qmap = qmap.contiguous()
-    threads = max(torch.get_num_threads(), 1) if n >= _PARALLEL_MIN_NUMEL else 1
-    bias_div = 1.0 - beta1**step
-    w1, w2 = 1.0 - beta1, 1.0 - beta2
-    if alpha_scaling == "fixed":
-        effective_alpha = alpha
-    else:
-        sumsq = library.rlion8bit_sumsq_f32(
-            grad.data_ptr(), codes.data_ptr(), absmax.data_ptr(), qmap.data_ptr(), n,
-            w1, bias_div, int(bias_correction), int(maximize), threads,
-        )  # fmt: skip
-        norm = _float32(math.sqrt(sumsq))
-        rms = max(_float32(norm / _float32(math.sqrt(max(n, 1)))), torch.finfo(torch.float32).tiny)
-        effective_alpha = _float32(_float32(alpha) / rms)
-    library.rlion8bit_step_f32(
-        param.data_ptr(), grad.data_ptr(), codes.data_ptr(), absmax.data_ptr(), qmap.data_ptr(), lut.data_ptr(), n,
-        w1, w2, bias_div, int(bias_correction), effective_alpha, _TWO_OVER_PI,
+    grads = [g.contiguous() for g in grads]
+    luts = [quantize_lut(q) for q in qmaps]
+    qmaps = [q.contiguous() for q in qmaps]
+    numels = [p.numel() for p in params]
+    threads = max(torch.get_num_threads(), 1) if sum(numels) >= _PARALLEL_MIN_NUMEL else 1
+    status = library.rlion8bit_step_many_f32(
+        len(params), _pointer_array(params), _pointer_array(grads), _pointer_array(codes),
+        _pointer_array(absmaxes), _pointer_array(qmaps), _pointer_array(luts),
+        (ctypes.c_int64 * len(params))(*numels), (ctypes.c_float * len(params))(*[1.0 - beta1**s for s in steps]),
+        1.0 - beta1, 1.0 - beta2, int(bias_correction), alpha, int(alpha_scaling == "rms"), _TWO_OVER_PI,
         1.0 - lr * weight_decay, int(weight_decay != 0.0), -lr, int(maximize), threads,
     )  # fmt: skip
+    if status != 0:
+        raise MemoryError("RLion8bit: the 8-bit kernel could not allocate its chunk table")
 
 
 def fast_atan(x: Tensor) -> Tensor:
@@ -461,6 +452,8 @@ class RLion8bit(RLionBase):
             positions = {id(p): i for i, p in enumerate(group["params"])}
             # RLion-state tensors, batched by their (possibly overridden) hyperparameters.
             batches: dict[tuple, tuple[list, list, list, list]] = defaultdict(lambda: ([], [], [], []))
+            # 8-bit tensors for the C kernel, batched the same way (one kernel call per batch).
+            kernel_batches: dict[tuple, list] = defaultdict(list)
             for p in self._skip_nonfinite(list(self._params_with_grad(group))):
                 state = self.state[p]
                 if id(p) not in self._overrides:
@@ -468,28 +461,38 @@ class RLion8bit(RLionBase):
                 overrides = self._overrides[id(p)]
                 if len(state) == 0:
                     self._init_state(p, state, group, overrides)
-                state["step"] += 1
-                step = int(state["step"].item())
                 hyperparameters = self._hyperparameters(group, overrides)
                 if "state1" not in state:
+                    state["step"] += 1
                     params, grads, exp_avgs, steps = batches[tuple(sorted(hyperparameters.items()))]
                     params.append(p)
                     grads.append(p.grad)
                     exp_avgs.append(state["exp_avg"])
-                    steps.append(step)
+                    steps.append(int(state["step"].item()))
                     continue
+                library = self._use_kernel(group, p, p.grad, state)  # may raise: before counting the step
+                state["step"] += 1
+                step = int(state["step"].item())
                 if getattr(state["state1"], "is_paged", False):
                     any_paged = True
                     bnb_functional.prefetch_tensor(state["state1"])
-                library = self._use_kernel(group, p, p.grad, state)
                 if library is not None:
-                    fused_update_(
-                        library, p, p.grad, state["state1"], state["absmax1"], state["qmap1"], step, **hyperparameters
-                    )
+                    kernel_batches[tuple(sorted(hyperparameters.items()))].append((p, state, step))
                 else:
                     rlion8bit_reference_update_(
                         p, p.grad, state["state1"], state["absmax1"], state["qmap1"], step, **hyperparameters
                     )
+            for key, items in kernel_batches.items():
+                fused_update_many_(
+                    _load_kernel(),
+                    [p for p, _, _ in items],
+                    [p.grad for p, _, _ in items],
+                    [state["state1"] for _, state, _ in items],
+                    [state["absmax1"] for _, state, _ in items],
+                    [state["qmap1"] for _, state, _ in items],
+                    [step for _, _, step in items],
+                    **dict(key),
+                )
             for key, (params, grads, exp_avgs, steps) in batches.items():
                 hyperparameters = dict(key)
                 # RLion's own choice of implementation (fused CPU kernel / foreach / per tensor).

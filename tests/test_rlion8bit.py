@@ -54,23 +54,33 @@ def pair(shape, seed=0, dtype=torch.float32):
 )
 def test_kernel_reproduces_bitsandbytes_codes_exactly(options):
     """Codes and absmax equal the bitsandbytes reference bit for bit over several steps; the parameter
-    differs only through the arctangent (<= 2 ulp apart) and the RMS summation order."""
-    # 20_001 elements: 79 blocks, the last one partial; one block of exact zeros.
-    p_ref, p_fast = pair((20_001,))
-    ref = RLion8bit([p_ref], lr=1e-2, fused=False, **options)
-    fast = RLion8bit([p_fast], lr=1e-2, fused=True, **options)
+    differs only through the arctangent (<= 2 ulp apart) and the RMS summation order.
+
+    Two tensors in one kernel call, with different step counts (the second skips a step), a
+    partial last block and an all-zero block."""
+    shapes = [(20_001,), (70, 100)]  # 79 blocks, the last partial; 28 blocks
+    pairs = [pair(shape, seed=i) for i, shape in enumerate(shapes)]
+    refs, fasts = [a for a, _ in pairs], [b for _, b in pairs]
+    ref = RLion8bit(refs, lr=1e-2, fused=False, **options)
+    fast = RLion8bit(fasts, lr=1e-2, fused=True, **options)
     for step in range(5):
-        grad = torch.randn(20_001) * 10.0 ** torch.randint(-6, 2, (20_001,))
-        grad[256:512] = 0.0
-        p_ref.grad, p_fast.grad = grad.clone(), grad.clone()
+        for p_ref, p_fast in pairs:
+            n = p_ref.numel()
+            grad = (torch.randn(n) * 10.0 ** torch.randint(-6, 2, (n,))).view(p_ref.shape)
+            grad.view(-1)[256:512] = 0.0
+            p_ref.grad, p_fast.grad = grad.clone(), grad.clone()
+        if step == 2:
+            refs[1].grad = fasts[1].grad = None  # frozen this step: its step count falls behind
         ref.step()
         fast.step()
-        a, b = ref.state[p_ref], fast.state[p_fast]
-        assert torch.equal(a["state1"], b["state1"]), f"codes differ at step {step}"
-        assert torch.equal(a["absmax1"], b["absmax1"]), f"absmax differs at step {step}"
-        # per step: one rounding of p, and a relative error ~1e-7 in u (|u| < 1) times lr
-        assert ((p_ref - p_fast).abs() <= (step + 1) * (2 * f32_ulp(p_ref) + 1e-6 * 1e-2)).all()
-    assert (a["absmax1"][1] == 0) and (a["state1"][256:512] == b["state1"][256:512]).all()
+        for p_ref, p_fast in pairs:
+            a, b = ref.state[p_ref], fast.state[p_fast]
+            assert torch.equal(a["state1"], b["state1"]), f"codes differ at step {step}"
+            assert torch.equal(a["absmax1"], b["absmax1"]), f"absmax differs at step {step}"
+            # per step: one rounding of p, and a relative error ~1e-7 in u (|u| < 1) times lr
+            assert ((p_ref - p_fast).abs() <= (step + 1) * (2 * f32_ulp(p_ref) + 1e-6 * 1e-2)).all()
+            assert a["absmax1"][1] == 0 and (a["state1"].view(-1)[256:512] == b["state1"].view(-1)[256:512]).all()
+    assert fast.state[fasts[0]]["step"] == 5 and fast.state[fasts[1]]["step"] == 4
 
 
 def test_reference_first_step_equals_rlion_and_momentum_is_quantised_within_the_map_gap():
