@@ -749,6 +749,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     training_args.dataloader_num_workers = choose_num_workers(
         training_args.dataloader_num_workers, data_args, training_args.world_size
     )
+    if not torch.cuda.is_available():
+        training_args.dataloader_pin_memory = False  # pinning only helps host-to-GPU copies
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training_args.world_size != launched:
+        raise RuntimeError(
+            f"{launched} processes were launched but training sees {training_args.world_size}: they would train "
+            "separately and overwrite each other's output. On CPU, launch with ACCELERATE_USE_CPU=1 and --multi_gpu "
+            "(or recipes/configs/cpu_2ranks.yaml); accelerate's use_cpu: true / --cpu starts unconnected processes."
+        )
     if data_args.streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps (a stream has no length to count epochs with)")
     token = model_args.token or training_args.hub_token
@@ -827,6 +836,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
         processing_class=processor,
     )
 
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not getattr(trainer, "is_fsdp_enabled", False):
+        logger.warning(
+            "an FSDP config was given but accelerate applies FSDP only on GPUs (and other accelerators); "
+            "training runs as %s", parallelism(trainer)
+        )
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model()
     train_metrics = dict(train_result.metrics)
@@ -850,12 +864,20 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
             summary += f", eval_top5_accuracy = {eval_metrics['eval_top5_accuracy']:.4f}"
         print(
             f"[image_classification] {summary} ({len(labels)} classes, {training_args.world_size} process(es), "
+            f"{parallelism(trainer)}, "
             f"output in {training_args.output_dir})"
         )
         if push_to_hub:
             push_model(trainer, model_args, data_args, eval_metrics, token, argv)
     training_args.push_to_hub = push_to_hub
     return eval_metrics
+
+
+def parallelism(trainer: Trainer) -> str:
+    """How the model is spread over processes: ``FSDP``, ``DDP`` or ``single process``."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return "FSDP"
+    return "DDP" if trainer.args.world_size > 1 else "single process"
 
 
 def _first(dataset, n: int):

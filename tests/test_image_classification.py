@@ -13,10 +13,15 @@ What is proven here:
   - one process, ``--optim rlion``, image folders of real digits: the standard output files,
     checkpoints, and ``--resume_from_checkpoint`` continuing to the same weights as the
     uninterrupted run;
-  - two real CPU ranks (``accelerate launch --multi_gpu --num_processes 2``), ``--optim rlion_8bit``,
+  - two real CPU ranks (``recipes/configs/cpu_2ranks.yaml`` = ``accelerate launch --multi_gpu
+    --num_processes 2`` with ``ACCELERATE_USE_CPU=1``), ``--optim rlion_8bit``,
     the embedded digits, ``--push_to_hub`` to a local stand-in Hub; the pushed folder loads with
     ``from_pretrained`` and gives the same eval accuracy; the model card carries the metrics and
-    the optimizer's hyperparameters.
+    the optimizer's hyperparameters;
+  - the same 2-rank config without ``ACCELERATE_USE_CPU=1`` (two unconnected processes) is refused.
+
+Not tested here: ``recipes/configs/multi_gpu.yaml`` and ``fsdp.yaml`` need GPUs (accelerate applies
+FSDP only on accelerators; on CPU the recipe warns and runs DDP).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from _classification_data import write_corrupt_file, write_digit_folders
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPE = REPO_ROOT / "recipes" / "image_classification.py"
+CPU_2RANKS_CONFIG = REPO_ROOT / "recipes" / "configs" / "cpu_2ranks.yaml"
 
 
 def _load_recipe():
@@ -320,8 +326,7 @@ def test_two_cpu_ranks_rlion_8bit_push_and_reload(tmp_path, local_hub):
     out = tmp_path / "out"
     repo_id = f"{local_hub.user}/digits-rlion-8bit"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2RANKS_CONFIG),
         str(RECIPE), "--optim", "rlion_8bit", "--output_dir", str(out), "--max_train_samples", "256",
         "--max_eval_samples", "96", "--num_train_epochs", "2", "--per_device_train_batch_size", "16",
         "--push_to_hub", "--hub_model_id", repo_id,
@@ -360,3 +365,17 @@ def test_two_cpu_ranks_rlion_8bit_push_and_reload(tmp_path, local_hub):
     hyper = data["optimizer"]["hyperparameters"]
     assert hyper["alpha"] == signature["alpha"].default and hyper["alpha_scaling"] == signature["alpha_scaling"].default
     assert "accelerate launch recipes/image_classification.py" in card.text and "--optim rlion_8bit" in card.text
+
+
+def test_unconnected_processes_are_refused(tmp_path):
+    """The 2-rank config without ACCELERATE_USE_CPU=1 starts two separate trainings: the recipe refuses."""
+    env = _env()
+    env.pop("ACCELERATE_USE_CPU", None)
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2RANKS_CONFIG),
+        str(RECIPE), "--output_dir", str(tmp_path / "out"), "--max_train_samples", "32", "--max_steps", "1",
+    ]  # fmt: skip
+    proc = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "2 processes were launched but training sees 1" in proc.stderr and "ACCELERATE_USE_CPU=1" in proc.stderr
+    assert not (tmp_path / "out" / "model.safetensors").exists()
