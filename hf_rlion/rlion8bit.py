@@ -57,7 +57,7 @@ except ImportError as _err:  # pragma: no cover - exercised in an environment wi
     ) from _err
 
 from . import native
-from ._optimizer_base import RLionBase, low_precision_dtypes
+from ._optimizer_base import RLionBase, low_precision_dtypes, validate_hyperparameters
 from .rlion import RLion, rlion_update_
 
 __all__ = ["RLion8bit", "PagedRLion8bit", "keep_embeddings_in_32bit", "rlion8bit_reference_update_", "BLOCKSIZE"]
@@ -384,7 +384,13 @@ class RLion8bit(RLionBase):
                 f"are ignored (applied: {', '.join(_STATE_OVERRIDE_KEYS + _HYPERPARAMETER_KEYS)})",
                 stacklevel=3,
             )
-        return {k: v for k, v in config.items() if k not in ignored}
+        applied = {k: v for k, v in config.items() if k not in ignored}
+        group = self.param_groups[group_index]
+        try:
+            validate_hyperparameters(dict(group, **{k: v for k, v in applied.items() if k in _HYPERPARAMETER_KEYS}))
+        except ValueError as err:
+            raise ValueError(f"GlobalOptimManager override for a parameter of shape {tuple(param.shape)}: {err}") from None
+        return applied
 
     def _state_buffer(self, param: Tensor) -> Tensor:
         """uint8 codes shaped like ``param``; bitsandbytes paged memory for large CUDA tensors when paged."""

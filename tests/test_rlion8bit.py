@@ -274,6 +274,19 @@ def test_bad_override_raises_value_error_at_first_step():
         manager.pid2config.pop(id(p))
 
 
+def test_bad_hyperparameter_override_raises_value_error_naming_it():
+    p = nn.Parameter(torch.zeros(5000))
+    manager = GlobalOptimManager.get_instance()
+    manager.override_config(p, "lr", -1.0)
+    try:
+        opt = RLion8bit([p])
+        p.grad = torch.ones(5000)
+        with pytest.raises(ValueError, match=r"override.*lr must be a finite number >= 0"):
+            opt.step()
+    finally:
+        manager.pid2config.pop(id(p))
+
+
 def test_defaults_are_rlions():
     import inspect
 
