@@ -1,4 +1,4 @@
-/* One fused RLion step on 8-bit blockwise-quantised momentum (CPU, float32 parameters).
+/* One fused RLion step on 8-bit blockwise-quantised momentum (CPU, float32 or bfloat16 parameters).
  *
  * Loaded by hf_rlion/rlion8bit.py through hf_rlion.native.load(); the pure-torch path in
  * rlion8bit.py (bitsandbytes' dequantize_blockwise -> rlion_update_ -> quantize_blockwise) is the
@@ -27,6 +27,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define BLOCK 256
 
@@ -111,6 +112,24 @@ static inline float quantize_block(const float *m, const uint8_t *lut, int64_t l
     return block_max;
 }
 
+/* bfloat16 parameters/gradients: widened to float32 for the arithmetic, the parameter rounded
+ * back once (round to nearest even, as torch's .to(torch.bfloat16) / copy_ does; values are finite). */
+static inline float bf16_to_f32(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+enum { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
+
 /* Per-block work of the two passes. */
 
 /* sum over one block of c_hat^2, c_hat = lerp(m, g, 1 - beta1) / divisor */
@@ -148,7 +167,8 @@ static inline float block_step(float *p, const float *gr, uint8_t *q, const floa
     return quantize_block(m, lut, len, q);
 }
 
-/* One RLion step on `count` float32 tensors with 8-bit state, in one parallel region.
+/* One RLion step on `count` tensors with 8-bit state, in one parallel region. Parameters and
+ * gradients are all float32 (dtype 0) or all bfloat16 (dtype 1); arithmetic is float32.
  *
  * Per element:  m = qmap[code] * absmax;  c = lerp(m, g, 1 - beta1);  c /= bias_div[t] (if bias_correction)
  *               u = atan(c * alpha_t) * 2/pi;  p = p * decay (if apply_decay);  p = p + (-lr) * u
@@ -164,7 +184,7 @@ static inline float block_step(float *p, const float *gr, uint8_t *q, const floa
  * elements). Returns 0, or -1 if those arrays cannot be allocated (nothing is modified then). */
 #define CHUNK_BLOCKS 64
 
-int rlion8bit_step_many_f32(int64_t count, float *const *params, const float *const *grads, uint8_t *const *codes,
+int rlion8bit_step_many(int64_t count, int dtype, void *const *params, const void *const *grads, uint8_t *const *codes,
                             float *const *absmaxes, const float *const *qmaps, const uint8_t *const *luts,
                             const int64_t *numels, const float *bias_divs, float w1, float w2, int bias_correction,
                             float alpha, int rms_scaling, float two_over_pi, float decay, int apply_decay,
@@ -213,8 +233,16 @@ int rlion8bit_step_many_f32(int64_t count, float *const *params, const float *co
                 for (int64_t b = chunk_block[c]; b < last; ++b) {
                     const int64_t start = b * BLOCK;
                     const int64_t len = start + BLOCK < n ? BLOCK : n - start;
-                    sum += (double)block_sumsq(grads[t] + start, codes[t] + start, qmaps[t], absmaxes[t][b], len,
-                                               grad_sign, small1, w1, w1_minus_1, divisor);
+                    const float *gr = (const float *)grads[t] + start;
+                    float g_wide[BLOCK];
+                    if (dtype == DTYPE_BF16) {
+                        const uint16_t *gh = (const uint16_t *)grads[t] + start;
+                        for (int64_t i = 0; i < len; ++i)
+                            g_wide[i] = bf16_to_f32(gh[i]);
+                        gr = g_wide;
+                    }
+                    sum += (double)block_sumsq(gr, codes[t] + start, qmaps[t], absmaxes[t][b], len, grad_sign, small1,
+                                               w1, w1_minus_1, divisor);
                 }
                 chunk_sumsq[c] = sum;
             }
@@ -245,9 +273,26 @@ int rlion8bit_step_many_f32(int64_t count, float *const *params, const float *co
             for (int64_t b = chunk_block[c]; b < last; ++b) {
                 const int64_t start = b * BLOCK;
                 const int64_t len = start + BLOCK < n ? BLOCK : n - start;
-                absmaxes[t][b] = block_step(params[t] + start, grads[t] + start, codes[t] + start, qmaps[t], luts[t],
-                                            absmaxes[t][b], len, grad_sign, small1, w1, w1_minus_1, small2, w2,
-                                            w2_minus_1, divisor, alphas[t], two_over_pi, decay_factor, neg_lr);
+                float *p = (float *)params[t] + start;
+                const float *gr = (const float *)grads[t] + start;
+                float p_wide[BLOCK], g_wide[BLOCK];
+                if (dtype == DTYPE_BF16) {
+                    const uint16_t *ph = (const uint16_t *)params[t] + start, *gh = (const uint16_t *)grads[t] + start;
+                    for (int64_t i = 0; i < len; ++i) {
+                        p_wide[i] = bf16_to_f32(ph[i]);
+                        g_wide[i] = bf16_to_f32(gh[i]);
+                    }
+                    p = p_wide;
+                    gr = g_wide;
+                }
+                absmaxes[t][b] = block_step(p, gr, codes[t] + start, qmaps[t], luts[t], absmaxes[t][b], len, grad_sign,
+                                            small1, w1, w1_minus_1, small2, w2, w2_minus_1, divisor, alphas[t],
+                                            two_over_pi, decay_factor, neg_lr);
+                if (dtype == DTYPE_BF16) {
+                    uint16_t *ph = (uint16_t *)params[t] + start;
+                    for (int64_t i = 0; i < len; ++i)
+                        ph[i] = f32_to_bf16(p_wide[i]);
+                }
             }
         }
     }

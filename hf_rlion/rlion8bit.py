@@ -17,7 +17,7 @@ Two implementations, chosen automatically (``fused=`` forces one):
 
 - the reference: bitsandbytes' public ``dequantize_blockwise`` → ``rlion_update_`` →
   ``quantize_blockwise`` (any device; temporaries the size of one tensor);
-- on CPU, for float32 parameters, a fused C kernel (``_rlion8bit_kernel.c``, built by
+- on CPU, for float32 and bfloat16 parameters, a fused C kernel (``_rlion8bit_kernel.c``, built by
   :func:`hf_rlion.native.load`) that streams each tensor once per pass with no temporaries
   beyond one 256-element block per thread. Its codes and ``absmax`` equal the reference's
   exactly (tested); the parameter differs from the reference only through the arctangent
@@ -69,6 +69,8 @@ _PAGED_MIN_NUMEL = 100_000
 _OPTIM_BITS = (8, 32)
 #: Below this many elements in one call the kernel runs on one thread (waking a thread team costs more).
 _PARALLEL_MIN_NUMEL = 1 << 16
+#: Parameter dtypes the C kernel takes (the code it expects); float16 uses the reference path.
+_KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _TWO_OVER_PI = 2.0 / math.pi
 # Per-parameter overrides from GlobalOptimManager that we apply; bitsandbytes keys with no
 # meaning for RLion (eps, max_unorm, skip_zeros, ...) are ignored with one warning.
@@ -123,9 +125,9 @@ def _load_kernel() -> Optional[ctypes.CDLL]:
         library = native.load("_rlion8bit_kernel.c")
         if library is not None:
             p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-            library.rlion8bit_step_many_f32.argtypes = [i64, p, p, p, p, p, p, p, p, f32, f32, i32]
-            library.rlion8bit_step_many_f32.argtypes += [f32, i32, f32, f32, i32, f32, i32, i32]
-            library.rlion8bit_step_many_f32.restype = ctypes.c_int
+            library.rlion8bit_step_many.argtypes = [i64, i32, p, p, p, p, p, p, p, p, f32, f32, i32]
+            library.rlion8bit_step_many.argtypes += [f32, i32, f32, f32, i32, f32, i32, i32]
+            library.rlion8bit_step_many.restype = ctypes.c_int
             library.rlion8bit_atan_f32.argtypes = [p, p, i64]
             library.rlion8bit_atan_f32.restype = None
         _kernel, _kernel_loaded = library, True
@@ -159,8 +161,8 @@ def quantize_lut(qmap: Tensor) -> Tensor:
 def _kernel_unsupported_reason(param: Tensor, grad: Tensor, codes: Tensor, qmap: Tensor) -> str:
     if param.device.type != "cpu":
         return f"parameters on {param.device.type} (the kernel is CPU-only)"
-    if param.dtype != torch.float32 or grad.dtype != torch.float32:
-        return f"{param.dtype} parameters / {grad.dtype} gradients (the kernel takes float32)"
+    if param.dtype not in _KERNEL_DTYPES or grad.dtype != param.dtype:
+        return f"{param.dtype} parameters / {grad.dtype} gradients (the kernel takes float32 or bfloat16, both alike)"
     if not (param.is_contiguous() and codes.is_contiguous()):
         return "non-contiguous parameters or state"
     if qmap.numel() != 256 or qmap.dtype != torch.float32:
@@ -190,7 +192,9 @@ def fused_update_many_(
     bias_correction: bool,
     maximize: bool,
 ) -> None:
-    """The step of :func:`rlion8bit_reference_update_` on many float32 CPU tensors, by the C kernel.
+    """The step of :func:`rlion8bit_reference_update_` on many CPU tensors, by the C kernel.
+
+    All parameters share one dtype (float32 or bfloat16) and their gradients have it too.
 
     One call, one parallel region for all tensors (work handed out in chunks of 16384 elements).
     The per-tensor α of ``alpha_scaling="rms"`` is computed as :func:`hf_rlion.rlion._effective_alpha`
@@ -201,8 +205,8 @@ def fused_update_many_(
     qmaps = [q.contiguous() for q in qmaps]
     numels = [p.numel() for p in params]
     threads = max(torch.get_num_threads(), 1) if sum(numels) >= _PARALLEL_MIN_NUMEL else 1
-    status = library.rlion8bit_step_many_f32(
-        len(params), _pointer_array(params), _pointer_array(grads), _pointer_array(codes),
+    status = library.rlion8bit_step_many(
+        len(params), _KERNEL_DTYPES[params[0].dtype], _pointer_array(params), _pointer_array(grads), _pointer_array(codes),
         _pointer_array(absmaxes), _pointer_array(qmaps), _pointer_array(luts),
         (ctypes.c_int64 * len(params))(*numels), (ctypes.c_float * len(params))(*[1.0 - beta1**s for s in steps]),
         1.0 - beta1, 1.0 - beta2, int(bias_correction), alpha, int(alpha_scaling == "rms"), _TWO_OVER_PI,
@@ -312,7 +316,7 @@ class RLion8bit(RLionBase):
             ``GlobalOptimManager`` are applied, read when a parameter first gets state.
         foreach (bool, optional): implementation switch for the 32-bit-state tensors, as in
             :class:`RLion`.
-        fused (bool, optional): ``None`` (default) uses the fused C kernel for float32 CPU
+        fused (bool, optional): ``None`` (default) uses the fused C kernel for float32/bfloat16 CPU
             tensors when it is available and the bitsandbytes reference otherwise; ``True``
             requires the kernel (``RuntimeError`` where it cannot run); ``False`` always uses
             the reference.
@@ -483,12 +487,12 @@ class RLion8bit(RLionBase):
                     any_paged = True
                     bnb_functional.prefetch_tensor(state["state1"])
                 if library is not None:
-                    kernel_batches[tuple(sorted(hyperparameters.items()))].append((p, state, step))
+                    kernel_batches[(p.dtype, tuple(sorted(hyperparameters.items())))].append((p, state, step))
                 else:
                     rlion8bit_reference_update_(
                         p, p.grad, state["state1"], state["absmax1"], state["qmap1"], step, **hyperparameters
                     )
-            for key, items in kernel_batches.items():
+            for (_, key), items in kernel_batches.items():
                 fused_update_many_(
                     _load_kernel(),
                     [p for p, _, _ in items],
