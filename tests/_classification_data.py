@@ -38,3 +38,39 @@ def write_corrupt_file(folder: Path, name: str = "broken.png") -> Path:
     path = Path(folder) / name
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"this is not an image" * 8)
     return path
+
+
+def write_parquet_copy(root: Path, dataset_dict) -> Path:
+    """``dataset_dict`` as ``root/data/<split>-00000-of-00001.parquet``, the layout of the Hub's parquet copies."""
+    data = Path(root) / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    for split, dataset in dataset_dict.items():
+        dataset.to_parquet(str(data / f"{split}-00000-of-00001.parquet"))
+    return Path(root)
+
+
+def write_webdataset_copy(root: Path, dataset_dict) -> Path:
+    """``dataset_dict`` (columns image, label) as webdataset shards ``root/<split>-0000.tar`` holding
+    ``<key>.jpg``, ``<key>.cls`` (the class index as text) and ``<key>.json``: the layout of
+    ``timm/imagenet-1k-wds``."""
+    import io
+    import json
+    import tarfile
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, dataset in dataset_dict.items():
+        with tarfile.open(root / f"{split}-0000.tar", "w") as tar:
+            for i, row in enumerate(dataset):
+                jpeg = io.BytesIO()
+                row["image"].convert("RGB").save(jpeg, format="JPEG", quality=95)
+                members = {
+                    "jpg": jpeg.getvalue(),
+                    "cls": str(row["label"]).encode(),
+                    "json": json.dumps({"label": row["label"]}).encode(),
+                }
+                for extension, payload in members.items():
+                    info = tarfile.TarInfo(f"{split}_{i:06d}.{extension}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return root

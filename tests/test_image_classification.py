@@ -40,7 +40,7 @@ import pytest
 import torch
 from PIL import Image
 
-from _classification_data import write_corrupt_file, write_digit_folders
+from _classification_data import write_corrupt_file, write_digit_folders, write_parquet_copy, write_webdataset_copy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPE = REPO_ROOT / "recipes" / "image_classification.py"
@@ -269,6 +269,39 @@ def test_corrupt_image_skip_drops_and_counts(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # End to end
 # ---------------------------------------------------------------------------------------------
+
+
+def _small_digits(train: int = 96, validation: int = 32):
+    digits = recipe.digits_dataset()
+    return {"train": digits["train"].select(range(train)), "validation": digits["validation"].select(range(validation))}
+
+
+def test_streamed_parquet_copy(tmp_path):
+    """--dataset_name <parquet copy> --streaming: labels from the ClassLabel kept in the parquet schema."""
+    root = write_parquet_copy(tmp_path / "parquet", _small_digits())
+    out = tmp_path / "out"
+    recipe.main([
+        "--dataset_name", str(root), "--streaming", "--max_steps", "2", "--per_device_train_batch_size", "16",
+        "--output_dir", str(out), "--dataloader_num_workers", "0", "--save_strategy", "no", "--eval_strategy", "no",
+    ])  # fmt: skip
+    assert _read_json(out / "trainer_state.json")["global_step"] == 2
+    assert _read_json(out / "config.json")["id2label"] == {str(i): str(i) for i in range(10)}
+    assert 0.0 <= _read_json(out / "eval_results.json")["eval_accuracy"] <= 1.0
+    with pytest.raises(ValueError, match="--streaming needs --max_steps"):
+        recipe.main(["--dataset_name", str(root), "--streaming", "--output_dir", str(out)])
+
+
+def test_webdataset_copy_with_integer_labels(tmp_path):
+    """A timm/imagenet-1k-wds-like copy: columns __key__, jpg, cls (plain integers), json."""
+    root = write_webdataset_copy(tmp_path / "wds", _small_digits())
+    out = tmp_path / "out"
+    recipe.main([
+        "--dataset_name", str(root), "--max_steps", "2", "--per_device_train_batch_size", "16",
+        "--output_dir", str(out), "--dataloader_num_workers", "0", "--save_strategy", "no", "--eval_strategy", "no",
+    ])  # fmt: skip
+    results = _read_json(out / "all_results.json")
+    assert results["train_samples"] == 96 and results["eval_samples"] == 32
+    assert len(_read_json(out / "config.json")["id2label"]) == 10  # classes 0..max(cls)
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
