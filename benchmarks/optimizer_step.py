@@ -309,6 +309,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--first-step", action="store_true", help="also time the first step in fresh processes")
     parser.add_argument("--memory", action="store_true", help="also measure peak RSS growth during a step")
+    parser.add_argument("--memory-tensors", type=int, default=5, help="tensors in the --memory model (default 5)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -339,7 +340,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         print()
         first_step_times(int(args.params), args.tensors)
     if args.memory:
-        step_memory(int(args.params), args.tensors)
+        # few large tensors, so that a tensor-sized temporary would show in the resident set
+        step_memory(int(args.params), args.memory_tensors)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@
 
 #define RLION_ABI_VERSION 1
 #define CHUNK 16384
+/* below this many elements per call one thread does it all: waking a second thread costs more
+ * than it saves (microseconds on an idle machine, milliseconds on an oversubscribed one) */
+#define PARALLEL_MIN_NUMEL (1 << 18)
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 
@@ -89,7 +92,7 @@ static inline float rlion_atanf(float a) {
 
 /* y[i] = atan(x[i]) for float32 arrays: the function the update uses, exposed for tests. */
 void rlion_atan_f32(const float *restrict x, float *restrict y, int64_t n, int num_threads) {
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (n > 65536)
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (n >= PARALLEL_MIN_NUMEL)
     for (int64_t i = 0; i < n; i++) y[i] = rlion_atanf(x[i]);
 }
 
@@ -220,8 +223,13 @@ int rlion_step(int32_t n, void *const *params, const void *const *grads, float *
     int64_t *chunk_offset = malloc(sizeof(int64_t) * (size_t)(n + 1));
     if (!chunk_offset) return -1;
     chunk_offset[0] = 0;
-    for (int32_t t = 0; t < n; t++) chunk_offset[t + 1] = chunk_offset[t] + n_chunks_of(numels[t]);
+    int64_t total_numel = 0;
+    for (int32_t t = 0; t < n; t++) {
+        chunk_offset[t + 1] = chunk_offset[t] + n_chunks_of(numels[t]);
+        total_numel += numels[t];
+    }
     const int64_t total_chunks = chunk_offset[n];
+    if (total_numel < PARALLEL_MIN_NUMEL) num_threads = 1;
     int32_t *chunk_tensor = malloc(sizeof(int32_t) * (size_t)(total_chunks + 1));
     double *chunk_sums = rms ? malloc(sizeof(double) * (size_t)(total_chunks + 1)) : NULL;
     if (!chunk_tensor || (rms && !chunk_sums)) {
@@ -232,7 +240,7 @@ int rlion_step(int32_t n, void *const *params, const void *const *grads, float *
         for (int64_t i = chunk_offset[t]; i < chunk_offset[t + 1]; i++) chunk_tensor[i] = t;
 
     if (!rms) {
-#pragma omp parallel for schedule(dynamic, 2) num_threads(num_threads) if (total_chunks > 1)
+#pragma omp parallel for schedule(dynamic, 2) num_threads(num_threads) if (num_threads > 1)
         for (int64_t i = 0; i < total_chunks; i++) {
             const int32_t t = chunk_tensor[i];
             const int64_t lo = (i - chunk_offset[t]) * CHUNK;
@@ -240,7 +248,7 @@ int rlion_step(int32_t n, void *const *params, const void *const *grads, float *
             update(dtypes[t], params[t], grads[t], exp_avgs[t], lo, chunk_end(lo, numels[t]), &h, k);
         }
     } else {
-#pragma omp parallel num_threads(num_threads)
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1)
         {
             /* tensors below split_numel: one thread each, no synchronisation */
 #pragma omp for schedule(dynamic, 1) nowait
@@ -303,7 +311,7 @@ void rlion_finite_mask(int32_t n, const void *const *grads, const int64_t *numel
         ok[t] = 1;
         total += numels[t];
     }
-#pragma omp parallel num_threads(num_threads) if (total > 65536)
+#pragma omp parallel num_threads(num_threads) if (total >= PARALLEL_MIN_NUMEL)
     for (int32_t t = 0; t < n; t++) {
         const int64_t n_chunks = (numels[t] + CHUNK - 1) / CHUNK;
 #pragma omp for schedule(static) nowait

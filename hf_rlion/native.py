@@ -2,8 +2,9 @@
 
 A kernel is one C file shipped inside ``hf_rlion/``. On first use it is compiled with
 ``cc -O3 -march=native -fopenmp`` into a cache directory (``$HF_RLION_CACHE``, default
-``~/.cache/hf_rlion``), keyed by the source, the flags, the compiler and the CPU, and loaded
-with ``ctypes``. Later processes load the cached library (milliseconds). Compilation writes a
+``~/.cache/hf_rlion``), keyed by the source, the flags, the compiler binary (path, size, mtime)
+and the CPU, and loaded with ``ctypes``. Later processes load the cached library (milliseconds,
+no subprocess). Compilation writes a
 temporary file and renames it, so several processes (DDP ranks) may race safely.
 
 No compiler, a failed build, or ``HF_RLION_NATIVE=0`` → :func:`load` returns ``None`` and
@@ -37,6 +38,20 @@ def _compiler() -> Optional[str]:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
+def _compiler_id(compiler: str) -> str:
+    """Identifies the compiler binary without running it (a fresh process should not pay a fork+exec).
+
+    The resolved path, size and modification time: an upgraded compiler gets a new cache entry.
+    """
+    path = shutil.which(compiler) or compiler
+    try:
+        real = os.path.realpath(path)
+        st = os.stat(real)
+        return f"{real}:{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        return path
+
+
 def _cpu_id() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -50,11 +65,7 @@ def _cpu_id() -> str:
 
 def _build(source: Path, compiler: str) -> Path:
     text = source.read_bytes()
-    try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        version = ""
-    key = hashlib.sha256(b"\0".join([text, " ".join(_FLAGS).encode(), version.encode(), _cpu_id().encode()]))
+    key = hashlib.sha256(b"\0".join([text, " ".join(_FLAGS).encode(), _compiler_id(compiler).encode(), _cpu_id().encode()]))
     target = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target

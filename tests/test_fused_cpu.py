@@ -121,31 +121,40 @@ def test_bfloat16_rounding_is_round_to_nearest_even():
     assert torch.equal(p.detach(), expected)
 
 
-def test_results_do_not_depend_on_the_thread_count():
-    params, grads = make_problem(seed=3, steps=5)
-    threads = torch.get_num_threads()
+def run_big_group(alpha_scaling, threads, split_min=None, steps=3):
+    """One group large enough for the kernel to use several threads (and to split tensors)."""
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(700_000,), (40_000,), (300, 129)]
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    exp_avgs = [torch.zeros(s) for s in shapes]
+    hp = dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, alpha=3.0 if alpha_scaling == "rms" else 100.0,
+              alpha_scaling=alpha_scaling, bias_correction=True, maximize=False)
+    saved_threads, saved_split = torch.get_num_threads(), fused_cpu.RMS_SPLIT_MIN_NUMEL
     try:
-        torch.set_num_threads(1)
-        one, _ = run(params, grads, fused=True)
-    finally:
         torch.set_num_threads(threads)
-    many, _ = run(params, grads, fused=True)
-    for a, b in zip(one, many):
+        if split_min is not None:
+            fused_cpu.RMS_SPLIT_MIN_NUMEL = split_min
+        for step in range(1, steps + 1):
+            grads = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
+            fused_cpu.fused_rlion(params, grads, exp_avgs, [step] * len(shapes), **hp)
+    finally:
+        torch.set_num_threads(saved_threads)
+        fused_cpu.RMS_SPLIT_MIN_NUMEL = saved_split
+    return params + exp_avgs
+
+
+@pytest.mark.parametrize("alpha_scaling", ["rms", "fixed"])
+def test_results_do_not_depend_on_the_thread_count(alpha_scaling):
+    one = run_big_group(alpha_scaling, threads=1)
+    for a, b in zip(one, run_big_group(alpha_scaling, threads=2)):
         assert torch.equal(a, b)
 
 
-def test_tensors_split_across_threads_give_the_same_numbers(monkeypatch):
+def test_tensors_split_across_threads_give_the_same_numbers():
     # "rms": small tensors are done by one thread each, large ones split across threads
-    params, grads = make_problem(seed=6, steps=4)
-    owned, _ = run(params, grads, fused=True)
-    monkeypatch.setattr(fused_cpu, "RMS_SPLIT_MIN_NUMEL", 1)  # now every tensor above ~1/8 of the group splits
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(max(2, threads))
-        split, _ = run(params, grads, fused=True)
-    finally:
-        torch.set_num_threads(threads)
-    assert fused_cpu._rms_split_numel([p.numel() for p in params], 2) < max(p.numel() for p in params)
+    assert fused_cpu._rms_split_numel([700_000, 40_000, 38_700], 2) == fused_cpu.RMS_SPLIT_MIN_NUMEL > 700_000
+    owned = run_big_group("rms", threads=2)
+    split = run_big_group("rms", threads=2, split_min=1)  # now the 700k and 40k tensors are split
     for a, b in zip(owned, split):
         assert torch.equal(a, b)
 
