@@ -18,7 +18,8 @@ It follows the conventions of transformers' ``examples/pytorch/image-classificat
 ``HfArgumentParser`` over :class:`ModelArguments`, :class:`DataTrainingArguments` and
 ``TrainingArguments``; ``Trainer``; ``all_results.json``, ``train_results.json``,
 ``eval_results.json`` (``eval_accuracy``, plus ``eval_top5_accuracy`` when there are >= 5
-classes), ``trainer_state.json`` and ``checkpoint-*`` folders in ``--output_dir``;
+classes), ``trainer_state.json`` and ``checkpoint-*`` folders in ``--output_dir``, plus
+``training_curves.png`` (training loss and eval accuracy);
 ``--resume_from_checkpoint``. ``import hf_rlion`` makes ``--optim rlion``, ``rlion_8bit`` and
 ``paged_rlion_8bit`` valid next to all of transformers' own names.
 
@@ -867,10 +868,41 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
             f"{parallelism(trainer)}, "
             f"output in {training_args.output_dir})"
         )
+        plot_training_curves(
+            trainer.state.log_history,
+            os.path.join(training_args.output_dir, "training_curves.png"),
+            title=f"{dataset_label(data_args)}, --optim {getattr(training_args.optim, 'value', training_args.optim)}",
+        )
         if push_to_hub:
             push_model(trainer, model_args, data_args, eval_metrics, token, argv)
     training_args.push_to_hub = push_to_hub
     return eval_metrics
+
+
+def plot_training_curves(log_history: list[dict], path: str, title: str = "") -> None:
+    """Training loss per step and eval accuracy per epoch (``trainer.state.log_history``) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    evals = [(e["epoch"], e["eval_accuracy"]) for e in log_history if "eval_accuracy" in e]
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
+    if train:
+        loss_axis.plot(*zip(*train), marker=".")
+    loss_axis.set(xlabel="step", ylabel="training loss", yscale="log", title="training loss")
+    if evals:
+        accuracy_axis.plot(*zip(*evals), marker="o")
+        accuracy_axis.annotate(f"{evals[-1][1]:.4f}", evals[-1], textcoords="offset points", xytext=(-30, -15))
+    accuracy_axis.set(xlabel="epoch", ylabel="eval accuracy", ylim=(0, 1.02), title="eval accuracy")
+    accuracy_axis.grid(alpha=0.3)
+    loss_axis.grid(alpha=0.3)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def parallelism(trainer: Trainer) -> str:

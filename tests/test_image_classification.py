@@ -70,6 +70,15 @@ def _run(command: list[str], env: dict, cwd: Path) -> subprocess.CompletedProces
     return proc
 
 
+def _free_port() -> int:
+    """A free TCP port for the ranks' rendezvous (other test runs on this machine may hold 29500)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -324,7 +333,7 @@ def test_one_process_rlion_checkpoints_and_resume(tmp_path):
     assert "eval_accuracy = " in proc.stdout and "1 process(es)" in proc.stdout
 
     for name in ("all_results.json", "train_results.json", "eval_results.json", "trainer_state.json",
-                 "config.json", "model.safetensors", "preprocessor_config.json"):  # fmt: skip
+                 "config.json", "model.safetensors", "preprocessor_config.json", "training_curves.png"):  # fmt: skip
         assert (full / name).is_file(), name
     assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
     eval_results = _read_json(full / "eval_results.json")
@@ -350,6 +359,7 @@ def test_one_process_rlion_checkpoints_and_resume(tmp_path):
     assert _read_json(resumed / "eval_results.json")["eval_accuracy"] == eval_results["eval_accuracy"]
 
 
+@pytest.mark.slow
 def test_two_cpu_ranks_rlion_8bit_push_and_reload(tmp_path, local_hub):
     """2 real gloo ranks, --optim rlion_8bit on the embedded digits, push to a local Hub, reload, same accuracy."""
     pytest.importorskip("bitsandbytes")
@@ -360,6 +370,7 @@ def test_two_cpu_ranks_rlion_8bit_push_and_reload(tmp_path, local_hub):
     repo_id = f"{local_hub.user}/digits-rlion-8bit"
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2RANKS_CONFIG),
+        "--main_process_port", str(_free_port()),
         str(RECIPE), "--optim", "rlion_8bit", "--output_dir", str(out), "--max_train_samples", "256",
         "--max_eval_samples", "96", "--num_train_epochs", "2", "--per_device_train_batch_size", "16",
         "--push_to_hub", "--hub_model_id", repo_id,
@@ -400,12 +411,14 @@ def test_two_cpu_ranks_rlion_8bit_push_and_reload(tmp_path, local_hub):
     assert "accelerate launch recipes/image_classification.py" in card.text and "--optim rlion_8bit" in card.text
 
 
+@pytest.mark.slow
 def test_unconnected_processes_are_refused(tmp_path):
     """The 2-rank config without ACCELERATE_USE_CPU=1 starts two separate trainings: the recipe refuses."""
     env = _env()
     env.pop("ACCELERATE_USE_CPU", None)
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2RANKS_CONFIG),
+        "--main_process_port", str(_free_port()),
         str(RECIPE), "--output_dir", str(tmp_path / "out"), "--max_train_samples", "32", "--max_steps", "1",
     ]  # fmt: skip
     proc = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
