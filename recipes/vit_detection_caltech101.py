@@ -64,7 +64,6 @@ import shutil
 import sys
 import tarfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence

@@ -5,7 +5,15 @@ so a saved or pushed :class:`ViTBoxRegressionModel` loads with ``AutoModel.from_
 (``import hf_rlion`` alone does not import this module: it needs no model code.)
 """
 
+import transformers
 from transformers import AutoConfig, AutoModel
+
+if int(transformers.__version__.split(".")[0]) < 5:
+    # The config is declared the transformers 5 way (annotated dataclass fields).
+    raise ImportError(
+        f"hf_rlion.models needs transformers>=5 (found {transformers.__version__}); "
+        "the optimizers (import hf_rlion) work with older versions"
+    )
 
 from .vit_box_regression import (
     ViTBoxRegressionConfig,
