@@ -319,6 +319,23 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
+def test_fine_tune_from_a_local_model_directory_with_other_classes(tmp_path):
+    """--model_name_or_path <dir>: weights come from the directory; the head is rebuilt for the new classes."""
+    source_data = write_digit_folders(tmp_path / "two", classes=(0, 1), per_class_train=4, per_class_val=2)
+    recipe.main(_tiny_run_args(*source_data, tmp_path / "source") + ["--seed", "1"])  # not the tuned run's init
+    target_data = write_digit_folders(tmp_path / "three", classes=(5, 6, 7), per_class_train=4, per_class_val=2)
+    args = _tiny_run_args(*target_data, tmp_path / "tuned")
+    args[args.index("--image_size") : args.index("--image_size") + 2] = []  # the size comes from the saved processor
+    recipe.main(args + ["--model_name_or_path", str(tmp_path / "source"), "--learning_rate", "1e-12"])
+    config = _read_json(tmp_path / "tuned" / "config.json")
+    assert sorted(config["id2label"].values()) == ["digit_5", "digit_6", "digit_7"]
+    assert _read_json(tmp_path / "tuned" / "preprocessor_config.json")["size"] == {"height": 16, "width": 16}
+    source, tuned = _weights(tmp_path / "source"), _weights(tmp_path / "tuned")
+    assert tuned["classifier.1.weight"].shape == (3, source["classifier.1.weight"].shape[1])
+    body = "resnet.embedder.embedder.convolution.weight"
+    torch.testing.assert_close(tuned[body], source[body], rtol=0, atol=1e-9)  # one step at lr 1e-12
+
+
 def test_one_process_rlion_checkpoints_and_resume(tmp_path):
     """Train 3 epochs with a checkpoint per epoch; resume from epoch 2 elsewhere; same final weights."""
     train_dir, val_dir = write_digit_folders(tmp_path / "data")
