@@ -732,8 +732,15 @@ def parse_arguments(argv: Optional[list[str]] = None):
     parser.set_defaults(**RECIPE_TRAINING_DEFAULTS)
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) == 1 and args[0].endswith((".json", ".yaml", ".yml")):
-        loader = parser.parse_json_file if args[0].endswith(".json") else parser.parse_yaml_file
-        return loader(os.path.abspath(args[0]))
+        # One settings file instead of flags; the recipe's defaults still apply to what it leaves out.
+        with open(args[0]) as handle:
+            if args[0].endswith(".json"):
+                values = json.load(handle)
+            else:
+                import yaml
+
+                values = yaml.safe_load(handle)
+        return parser.parse_dict({**RECIPE_TRAINING_DEFAULTS, **values})
     return parser.parse_args_into_dataclasses(args=args)
 
 
@@ -856,6 +863,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     eval_metrics = trainer.evaluate()
     if not data_args.streaming:
         eval_metrics["eval_samples"] = len(eval_ds)
+    if data_args.corrupt_images == "skip":
+        eval_metrics["eval_skipped_images"] = skipped["eval"]
     trainer.log_metrics("eval", eval_metrics)
     trainer.save_metrics("eval", eval_metrics)
 

@@ -193,6 +193,14 @@ def test_recipe_defaults_and_rlion_hyperparameters_come_from_the_class():
     assert "alpha" not in (training_args.optim_args or "")  # RLion's own defaults are never overridden here
 
 
+def test_a_settings_file_keeps_the_recipe_defaults(tmp_path):
+    settings = tmp_path / "run.yaml"
+    settings.write_text("learning_rate: 0.003\nmax_train_samples: 10\n")
+    _, data_args, training_args = recipe.parse_arguments([str(settings)])
+    assert training_args.learning_rate == 0.003 and data_args.max_train_samples == 10
+    assert training_args.optim == "rlion" and training_args.output_dir == recipe.RECIPE_TRAINING_DEFAULTS["output_dir"]
+
+
 def test_unknown_column_lists_the_columns():
     with pytest.raises(ValueError, match=r"--label_column_name 'target' is not a column of the dataset; its columns: image, label"):
         recipe.pick_column(["image", "label"], "target", recipe.LABEL_COLUMN_CANDIDATES, "--label_column_name")
@@ -272,7 +280,7 @@ def test_corrupt_image_skip_drops_and_counts(tmp_path):
     train_results = _read_json(tmp_path / "out" / "train_results.json")
     eval_results = _read_json(tmp_path / "out" / "eval_results.json")
     assert train_results["train_skipped_images"] == 1 and train_results["train_samples"] == 6
-    assert eval_results["eval_samples"] == 2
+    assert eval_results["eval_samples"] == 2 and eval_results["eval_skipped_images"] == 1
 
 
 # ---------------------------------------------------------------------------------------------
