@@ -36,7 +36,7 @@ Usage::
     python benchmarks/compare_optimizers.py --full          # the whole study, hours on 1 core
     python benchmarks/compare_optimizers.py --full --shard 0/2 --out study &   # two parallel jobs
     python benchmarks/compare_optimizers.py --full --shard 1/2 --out study &
-    python benchmarks/compare_optimizers.py --report --out study            # tables + plots
+    python benchmarks/compare_optimizers.py --report --out study --figures docs/figures  # tables + plots
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -79,7 +78,6 @@ class Task:
     name: str
     metric_name: str
     epochs: int
-    chance: float  # the metric of a model that learned nothing (majority class / mean box)
     make_data: Callable[[], TaskData]
     make_model: Callable[[], nn.Module]
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -274,16 +272,16 @@ TASKS: dict[str, Task] = {
     t.name: t
     for t in (
         Task(
-            "digits", "accuracy", 10, 0.1, _digits_data, lambda: _small_cnn(1, 8, 10), nn.functional.cross_entropy,
+            "digits", "accuracy", 10, _digits_data, lambda: _small_cnn(1, 8, 10), nn.functional.cross_entropy,
             _accuracy,
         ),
-        Task("boxes", "mean IoU", 15, 0.0, _boxes_data, BoxViT, nn.functional.mse_loss, _mean_iou),
+        Task("boxes", "mean IoU", 15, _boxes_data, BoxViT, nn.functional.mse_loss, _mean_iou),
         Task(
-            "textures", "accuracy", 6, 1 / 3, _textures_data, lambda: _small_cnn(1, 16, 3),
+            "textures", "accuracy", 6, _textures_data, lambda: _small_cnn(1, 16, 3),
             nn.functional.cross_entropy, _accuracy,
         ),
         Task(
-            "recipe_digits", "accuracy", 5, 0.1, _recipe_digits_data, _recipe_digits_model,
+            "recipe_digits", "accuracy", 5, _recipe_digits_data, _recipe_digits_model,
             nn.functional.cross_entropy, _accuracy, batch_size=64,
         ),
     )
@@ -368,12 +366,28 @@ def small_grid() -> list[dict]:
 # ----------------------------------------------------------------------------- training
 
 _DATA_CACHE: dict[str, TaskData] = {}
+_BASELINE_CACHE: dict[str, float] = {}
 
 
 def task_data(task: Task) -> TaskData:
     if task.name not in _DATA_CACHE:
         _DATA_CACHE[task.name] = task.make_data()
     return _DATA_CACHE[task.name]
+
+
+def learned_nothing_metric(task: Task) -> float:
+    """The test metric of a model that ignores its input: it always predicts the most frequent
+    training class (classification) or the mean training box (boxes). A diverged run scores this."""
+    if task.name not in _BASELINE_CACHE:
+        data = task_data(task)
+        if data.y_train.dtype.is_floating_point:
+            constant = data.y_train.mean(dim=0, keepdim=True).expand_as(data.y_test)
+        else:
+            logits = torch.zeros(len(data.y_test), int(data.y_train.max()) + 1)
+            logits[:, torch.bincount(data.y_train).argmax()] = 1.0
+            constant = logits
+        _BASELINE_CACHE[task.name] = task.metric_fn(constant, data.y_test)
+    return _BASELINE_CACHE[task.name]
 
 
 def train_one(task: Task, optimizer: OptimizerConfig, lr: float, seed: int, warmup: bool, epochs: int | None = None) -> dict:
@@ -414,7 +428,7 @@ def train_one(task: Task, optimizer: OptimizerConfig, lr: float, seed: int, warm
     with torch.no_grad():
         out = model(data.x_test)
         test_loss = float(task.loss_fn(out, data.y_test))
-        metric = task.metric_fn(out, data.y_test) if not diverged and math.isfinite(test_loss) else task.chance
+        metric = task.metric_fn(out, data.y_test) if not diverged and math.isfinite(test_loss) else learned_nothing_metric(task)
     return dict(
         task=task.name,
         metric_name=task.metric_name,
@@ -489,7 +503,8 @@ def summarize(records: list[dict], warmup: bool = False) -> dict[tuple[str, str,
     cells: dict[tuple, list[float]] = {}
     for r in records:
         if r["warmup"] == warmup:
-            cells.setdefault((r["task"], r["optimizer"], r["lr"]), []).append(r["metric"])
+            metric = learned_nothing_metric(TASKS[r["task"]]) if r["diverged"] else r["metric"]
+            cells.setdefault((r["task"], r["optimizer"], r["lr"]), []).append(metric)
     return {
         k: dict(mean=float(np.mean(v)), min=float(np.min(v)), max=float(np.max(v)), n=len(v)) for k, v in cells.items()
     }
@@ -520,6 +535,62 @@ def markdown_table(summary: dict, task: str, lrs: list[float]) -> str:
     return "\n".join(lines)
 
 
+def comparison_table(summary: dict, tasks: list[str], lr: float) -> str:
+    """Rows: optimizers; columns: tasks at one lr; each cell: mean metric and its difference to AdamW."""
+    labels = _sorted_optimizers(k[1] for k in summary if k[0] in tasks and k[2] == lr)
+    lines = ["| optimizer | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for label in labels:
+        cells = []
+        for task in tasks:
+            s, ref = summary.get((task, label, lr)), summary.get((task, "adamw", lr))
+            if s is None:
+                cells.append("")
+            elif ref is None or label == "adamw":
+                cells.append(f"{s['mean']:.3f}")
+            else:
+                cells.append(f"{s['mean']:.3f} ({s['mean'] - ref['mean']:+.3f})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def best_lr_table(summary: dict, tasks: list[str]) -> str:
+    """Rows: optimizers; each cell: the best mean metric over the lr grid and the lr that gave it."""
+    labels = _sorted_optimizers(k[1] for k in summary if k[0] in tasks)
+    lines = ["| optimizer | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for label in labels:
+        cells = []
+        for task in tasks:
+            options = [(s["mean"], lr) for (t, l, lr), s in summary.items() if t == task and l == label]
+            cells.append(f"{max(options)[0]:.3f} @ {max(options)[1]:g}" if options else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def variant_table(records: list[dict], tasks: list[str], pairs: list[tuple[str, bool, str, bool]], lr: float) -> str:
+    """Each row compares two settings (label, warm-up) on every task at ``lr``: ``A -> B``, means over
+    the seeds both settings have (so a seed that only one of them ran does not bias the comparison)."""
+    lines = ["| setting: A -> B | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+
+    def metrics(task, label, warmup):
+        return {r["seed"]: r["metric"] for r in records
+                if r["task"] == task and r["optimizer"] == label and r["warmup"] == warmup and r["lr"] == lr}
+
+    for label_a, warm_a, label_b, warm_b in pairs:
+        cells = []
+        for task in tasks:
+            a, b = metrics(task, label_a, warm_a), metrics(task, label_b, warm_b)
+            seeds = sorted(set(a) & set(b))
+            if seeds:
+                mean_a, mean_b = np.mean([a[s] for s in seeds]), np.mean([b[s] for s in seeds])
+                cells.append(f"{mean_a:.3f} -> {mean_b:.3f} ({mean_b - mean_a:+.3f}, n={len(seeds)})")
+            else:
+                cells.append("")
+        name_a = label_a + (" +warm-up" if warm_a else "")
+        name_b = label_b + (" +warm-up" if warm_b else "")
+        lines.append(f"| {name_a} -> {name_b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _style(label: str) -> dict:
     if label == "adamw":
         return dict(color="black", lw=2.5, marker="o")
@@ -540,7 +611,7 @@ def plot_lr_sweep(summary: dict, tasks: list[str], path: Path, title: str) -> No
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for label in _sorted_optimizers(k[1] for k in summary if k[0] == task):
+        for label in _sorted_optimizers(k[1] for k in summary if k[0] == task and not k[1].endswith(" bc")):
             lrs = sorted(lr for (t, l, lr) in summary if t == task and l == label)
             mean = [summary[(task, label, lr)]["mean"] for lr in lrs]
             lo = [summary[(task, label, lr)]["min"] for lr in lrs]
@@ -548,6 +619,7 @@ def plot_lr_sweep(summary: dict, tasks: list[str], path: Path, title: str) -> No
             style = _style(label)
             ax.plot(lrs, mean, label=label, **style)
             ax.fill_between(lrs, lo, hi, color=style["color"], alpha=0.12)
+        ax.axhline(learned_nothing_metric(TASKS[task]), color="gray", ls=":", lw=1, label="learned nothing")
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel(_metric_name(task))
@@ -581,10 +653,11 @@ def plot_alpha(summary: dict, tasks: list[str], lrs: list[float], path: Path) ->
             s = summary.get((task, "adamw", lr))
             if s:
                 ax.axhline(s["mean"], color=color, lw=0.8, ls=":")
+        ax.axhline(learned_nothing_metric(TASKS[task]), color="gray", lw=1.5, ls="-.")
         ax.set_xscale("log")
         ax.set_xlabel("alpha")
         ax.set_ylabel(_metric_name(task))
-        ax.set_title(f"{task} (dotted: AdamW at the same lr)")
+        ax.set_title(f"{task}\n(dotted: AdamW at that lr; gray: learned nothing)", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
@@ -630,6 +703,25 @@ def report(records: list[dict], figures_dir: Path, prefix: str = "results_") -> 
     tasks = [t for t in TASKS if any(r["task"] == t for r in records)]
     lrs = sorted({r["lr"] for r in records})
     text = []
+    summary = summarize(records, False)
+    for lr in (1e-3, 1e-4):
+        if any(k[2] == lr for k in summary):
+            text.append(f"### All tasks at lr {lr:g}, no warm-up (difference to AdamW at the same lr)\n")
+            text.append(comparison_table(summary, tasks, lr) + "\n")
+    text.append("### Best over the lr grid (mean over seeds @ lr), no warm-up\n")
+    text.append(best_lr_table(summary, tasks) + "\n")
+    labels = sorted({r["optimizer"] for r in records})
+    warm_pairs = [(l, False, l, True) for l in _sorted_optimizers(labels) if any(r["optimizer"] == l and r["warmup"] for r in records)]
+    bc_pairs = [(l[:-3], False, l, False) for l in _sorted_optimizers(labels) if l.endswith(" bc")]
+    main_tasks = [t for t in tasks if t != "recipe_digits"]
+    for lr in (1e-4, 1e-3, 1e-2):
+        if warm_pairs and any(r["lr"] == lr and r["warmup"] for r in records):
+            text.append(f"### Warm-up (10 % linear) on/off at lr {lr:g}: without -> with\n")
+            text.append(variant_table(records, main_tasks, warm_pairs, lr) + "\n")
+    for lr in (1e-4, 1e-3, 1e-2):
+        if bc_pairs and any(r["lr"] == lr and r["optimizer"].endswith(" bc") for r in records):
+            text.append(f"### Bias correction off -> on (fixed α), lr {lr:g}\n")
+            text.append(variant_table(records, main_tasks, bc_pairs, lr) + "\n")
     for warmup in (False, True):
         summary = summarize(records, warmup)
         if not summary:
@@ -661,6 +753,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="override every task's epoch count (smoke runs)")
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th grid cell starting at i (parallel jobs)")
     parser.add_argument("--report", action="store_true", help="only write tables and plots from the results in --out")
+    parser.add_argument("--figures", type=Path, default=None, help="folder for the plots (default: --out), e.g. docs/figures")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -677,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--shard must be i/n with 0 <= i < n, got {args.shard!r}") from None
         run_grid(runs, args.out, resume=args.resume, epochs=args.epochs, shard=(index, count))
     records = [r for path in results_files(args.out) for r in read_results(path) if r["task"] in tasks]
-    tables = report(records, args.out)
+    tables = report(records, args.figures or args.out)
     (args.out / "tables.md").write_text(tables)
     print(tables)
     print(f"{len(records)} runs; tables.md and plots in {args.out}")
