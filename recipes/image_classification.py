@@ -37,7 +37,7 @@ class defaults unless ``--optim_args`` says otherwise.
 Data: ``--dataset_name`` (a Hub or local dataset that ``datasets.load_dataset`` reads: parquet,
 webdataset, imagefolder copies; ``--streaming`` for data that does not fit on disk) or
 ``--train_dir`` / ``--validation_dir`` image folders (``<dir>/<label>/<image>``). Labels and
-``id2label`` come from the dataset's ``ClassLabel`` feature (or the sorted distinct label values).
+``id2label`` come from the dataset's ``ClassLabel`` feature (for plain integer labels: ``0 .. max``).
 
 Corrupt image files: ``--corrupt_images error`` (default) stops with an error naming the file
 the first time one is read; ``--corrupt_images skip`` checks every image once before training
