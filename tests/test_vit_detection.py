@@ -358,15 +358,24 @@ def test_resume_from_the_last_complete_checkpoint_gives_the_uninterrupted_weight
     shutil.copytree(resumed / "checkpoint-2", resumed / ".tmp-checkpoint-3")
     (resumed / ".tmp-checkpoint-3" / recipe.RECIPE_STATE).unlink()
     assert recipe.complete_checkpoints(resumed)[-1].name == "checkpoint-2"
+    with pytest.raises(ValueError, match=r"\.tmp-checkpoint-3.* is not a complete checkpoint"):
+        recipe.resolve_resume(str(resumed / ".tmp-checkpoint-3"), resumed)
     result = run_recipe(root, resumed, cache_dir, *common, "--num_train_epochs", "3", "--resume_from_checkpoint", "latest")
-    straight_weights = load_file(tmp_path / "straight" / "model.safetensors")
-    resumed_weights = load_file(resumed / "model.safetensors")
-    assert straight_weights.keys() == resumed_weights.keys()
-    for name in straight_weights:
-        assert torch.equal(straight_weights[name], resumed_weights[name]), name
+    # The last epoch's weights (the kept model may be an earlier, validation-chosen epoch).
+    for saved in ("checkpoint-3/model.safetensors", "model.safetensors"):
+        straight_weights = load_file(tmp_path / "straight" / saved)
+        resumed_weights = load_file(resumed / saved)
+        assert straight_weights.keys() == resumed_weights.keys()
+        for name in straight_weights:
+            assert torch.equal(straight_weights[name], resumed_weights[name]), (saved, name)
+    straight_state = json.loads((tmp_path / "straight" / "checkpoint-3" / recipe.RECIPE_STATE).read_text())
+    assert json.loads((resumed / "checkpoint-3" / recipe.RECIPE_STATE).read_text())["history"] == straight_state["history"]
     assert result["eval"] == json.loads((tmp_path / "straight" / "eval_results.json").read_text())
     history = json.loads((resumed / "log_history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]
+    best = result["eval"]["epoch"]  # chosen on the validation split
+    assert sorted(p.name for p in recipe.complete_checkpoints(resumed)) == sorted({f"checkpoint-{best}", "checkpoint-3"})
+    assert not (resumed / ".tmp-checkpoint-3").exists()
 
 
 def _free_port() -> int:
