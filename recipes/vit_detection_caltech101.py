@@ -131,7 +131,10 @@ def locate_caltech_root(data_dir: str | os.PathLike, extract_dir: Path) -> Path:
                 for archive in (images, annotations):
                     print(f"extracting {archive} into {target}", flush=True)
                     with tarfile.open(archive) as tar:
-                        tar.extractall(tmp, filter="data")
+                        # The "data" filter refuses absolute paths and links out of the folder
+                        # (Python >= 3.10.12 / 3.11.4; older ones extract as before).
+                        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                        tar.extractall(tmp, **safe)
                 (tmp / ".complete").touch()
                 shutil.rmtree(target, ignore_errors=True)
                 tmp.rename(target)
