@@ -129,3 +129,20 @@ def test_any_float32_within_one_ulp(values):
     nan = np.isnan(x)
     assert np.isnan(ours[nan]).all()
     assert ulp_distance(ours[~nan], correctly_rounded_atan(x)[~nan]).max(initial=0) <= 1
+
+
+def test_the_exhaustive_checker_counts_a_slice_correctly():
+    """benchmarks/atan_exhaustive.py's C sweep, on the 2^20 floats from 0.5 up (where 1-ulp cases exist)."""
+    import ctypes
+
+    check = fused_cpu._load().rlion_atan_check
+    check.restype = ctypes.c_int64
+    check.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
+    counts, worst, worst_bits = (ctypes.c_int64 * 4)(), ctypes.c_int64(-1), ctypes.c_uint32(0)
+    first = int(np.float32(0.5).view(np.uint32))
+    problems = check(first, first + (1 << 20), counts, ctypes.byref(worst), ctypes.byref(worst_bits), 2)
+    assert problems == 0 and sum(counts) == 1 << 20 and worst.value == 1
+    # the same slice through numpy gives the same histogram
+    x = np.arange(first, first + (1 << 20), dtype=np.uint32).view(np.float32)
+    d = ulp_distance(kernel_atan(x), correctly_rounded_atan(x))
+    assert list(counts) == np.bincount(np.minimum(d, 3), minlength=4).tolist()
