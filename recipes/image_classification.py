@@ -54,6 +54,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -73,9 +74,10 @@ from transformers import (
     AutoModelForImageClassification,
     HfArgumentParser,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
 )
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 logger = logging.getLogger("image_classification")
 
@@ -340,10 +342,10 @@ class ImageTransforms:
     horizontal_flip: bool = True
     eval_crop_pct: float = 1.0
 
-    def train(self, image: Image.Image) -> torch.Tensor:
-        box = random_resized_crop_box(*image.size, self.crop_scale, self.crop_ratio)
+    def train(self, image: Image.Image, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        box = random_resized_crop_box(*image.size, self.crop_scale, self.crop_ratio, generator=generator)
         image = image.resize((self.image_size, self.image_size), Image.BICUBIC, box=box)
-        if self.horizontal_flip and torch.rand(()) < 0.5:
+        if self.horizontal_flip and torch.rand((), generator=generator) < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         return to_normalized_tensor(image, self.mean, self.std)
 
@@ -351,6 +353,31 @@ class ImageTransforms:
         resized = resize_shorter_side(image, int(math.floor(self.image_size / self.eval_crop_pct)))
         image = resized.crop(center_crop_box(*resized.size, self.image_size))
         return to_normalized_tensor(image, self.mean, self.std)
+
+
+SAMPLE_INDEX_COLUMN = "__sample_index__"
+
+
+def augmentation_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The random stream of one training sample in one epoch: a pure function of (seed, epoch, index).
+
+    Augmentations then do not depend on the global RNG, on data-loader workers or on how many
+    batches were prefetched, so ``--resume_from_checkpoint`` mid-epoch replays exactly the crops
+    and flips of the uninterrupted run (Trainer restores the global RNG only after it has already
+    fetched the first batch after the resume point).
+    """
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % 2**63)
+
+
+class AugmentationEpoch(TrainerCallback):
+    """Tell the train transform which epoch it is (before Trainer builds the epoch's data iterator)."""
+
+    def __init__(self):
+        self.epoch = 0
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.epoch = int(math.floor((state.epoch or 0.0) + 1e-6))
+        return control
 
 
 def decode_image(value: Any, policy: str = "error") -> Optional[Image.Image]:
@@ -697,10 +724,11 @@ def align_processor(processor, image_size: int, crop_pct: float) -> None:
 def choose_num_workers(requested: int, data_args: DataTrainingArguments, world_size: int) -> int:
     """DataLoader workers; ``-1`` = auto: 0 for the in-memory embedded digits, else the CPUs per rank minus one (<= 8).
 
-    Workers are not persistent by default: each epoch's workers are seeded from the main process's
-    RNG, which checkpoints restore, so ``--resume_from_checkpoint`` continues with the same random
-    augmentations as the uninterrupted run (tested). ``--dataloader_persistent_workers`` trades
-    that for less start-up time per epoch.
+    Train augmentations draw from :func:`augmentation_generator` (seed, epoch, sample index), so
+    they do not depend on the number of workers and a resumed run replays them exactly (tested,
+    also after SIGKILL mid-epoch). Workers are not persistent by default: the epoch number reaches
+    them when each epoch's workers start; with ``--dataloader_persistent_workers`` they would keep
+    the first epoch's number, so the recipe refuses that combination.
     """
     if requested >= 0:
         return requested
@@ -766,6 +794,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
             "separately and overwrite each other's output. On CPU, launch with ACCELERATE_USE_CPU=1 and --multi_gpu "
             "(or recipes/configs/cpu_2ranks.yaml); accelerate's use_cpu: true / --cpu starts unconnected processes."
         )
+    if training_args.dataloader_persistent_workers and training_args.dataloader_num_workers > 0:
+        raise ValueError(
+            "--dataloader_persistent_workers: persistent workers would not see the epoch number that seeds each "
+            "sample's augmentation (every epoch would repeat the first one's crops); leave it off"
+        )
     if data_args.streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps (a stream has no length to count epochs with)")
     token = model_args.token or training_args.hub_token
@@ -816,6 +849,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
 
         return apply
 
+    augmentation_epoch = AugmentationEpoch()
     # Decode images ourselves so that a corrupt file is reported by name (see decode_image).
     train_ds = train_ds.cast_column(image_column, datasets.Image(decode=False))
     eval_ds = eval_ds.cast_column(image_column, datasets.Image(decode=False))
@@ -825,7 +859,20 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
         train_ds = train_ds.map(batch_transform(transforms.train), batched=True, remove_columns=keep + [image_column, label_column])
         eval_ds = eval_ds.map(batch_transform(transforms.eval), batched=True, remove_columns=keep + [image_column, label_column])
     else:
-        train_ds.set_transform(batch_transform(transforms.train))
+        train_ds = train_ds.add_column(SAMPLE_INDEX_COLUMN, list(range(len(train_ds))))
+
+        def seeded_train_transform(batch):
+            return {
+                "pixel_values": [
+                    transforms.train(
+                        decode_image(v), augmentation_generator(training_args.seed, augmentation_epoch.epoch, i)
+                    )
+                    for v, i in zip(batch[image_column], batch[SAMPLE_INDEX_COLUMN])
+                ],
+                "labels": batch[label_column],
+            }
+
+        train_ds.set_transform(seeded_train_transform)
         eval_ds.set_transform(batch_transform(transforms.eval))
 
     metric = TopKAccuracy(keep_in_memory=True)
@@ -842,6 +889,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=ranked_predictions,
         processing_class=processor,
+        callbacks=[MarkCompleteCheckpoints(), augmentation_epoch],
     )
 
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not getattr(trainer, "is_fsdp_enabled", False):
@@ -928,17 +976,72 @@ def _first(dataset, n: int):
     return dataset.select(range(min(n, len(dataset))))
 
 
+CHECKPOINT_COMPLETE = "checkpoint_complete.json"  # written last, once every rank has saved
+
+
+class MarkCompleteCheckpoints(TrainerCallback):
+    """Mark a ``checkpoint-*`` folder complete once Trainer has written all of it, on every rank.
+
+    Trainer writes a checkpoint in place (model, optimizer, scheduler, per-rank RNG, then
+    ``trainer_state.json``), so a process killed mid-save leaves a folder that looks like a
+    checkpoint but is not. ``on_save`` runs after ``_save_checkpoint``; after a barrier (every
+    rank's RNG file is on disk) the main process writes :data:`CHECKPOINT_COMPLETE` atomically
+    (temp file, fsync, rename). ``--resume_from_checkpoint last`` only considers marked folders.
+    """
+
+    def on_save(self, args, state, control, **kwargs):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        if args.should_save:
+            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            if os.path.isdir(folder):
+                tmp = os.path.join(folder, f".{CHECKPOINT_COMPLETE}.tmp")
+                with open(tmp, "w") as f:
+                    json.dump({"global_step": state.global_step, "epoch": state.epoch}, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, os.path.join(folder, CHECKPOINT_COMPLETE))
+        return control
+
+
+def complete_checkpoints(output_dir: str) -> list[str]:
+    """``checkpoint-*`` folders in ``output_dir`` that carry the completeness marker, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
+        path = os.path.join(output_dir, name)
+        if match and os.path.isfile(os.path.join(path, CHECKPOINT_COMPLETE)):
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
 def resolve_checkpoint(value: Optional[str], output_dir: str) -> Optional[str]:
-    """``--resume_from_checkpoint``: a checkpoint directory, or ``true``/``last`` for the newest in ``--output_dir``."""
+    """``--resume_from_checkpoint``: a checkpoint directory, or ``true``/``last`` for the newest COMPLETE one.
+
+    A folder without the completeness marker (a save interrupted by a crash) is never picked
+    by ``last``; naming it explicitly is an error that says so.
+    """
     if value is None or value.lower() in ("", "false", "none"):
         return None
     if value.lower() in ("true", "last"):
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        if last is None:
-            raise ValueError(f"--resume_from_checkpoint {value}: no checkpoint-* folder in --output_dir {output_dir!r}")
-        return last
+        complete = complete_checkpoints(output_dir)
+        newest = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if not complete:
+            where = f" ({newest} is incomplete: its save was interrupted)" if newest else ""
+            raise ValueError(
+                f"--resume_from_checkpoint {value}: no complete checkpoint-* folder in --output_dir {output_dir!r}{where}"
+            )
+        if newest is not None and os.path.abspath(newest) != os.path.abspath(complete[-1]):
+            logger.warning("skipping %s: its save was interrupted (no %s); resuming from %s", newest, CHECKPOINT_COMPLETE, complete[-1])
+        return complete[-1]
     if not os.path.isdir(value):
         raise ValueError(f"--resume_from_checkpoint {value!r}: no such directory")
+    if not os.path.isfile(os.path.join(value, CHECKPOINT_COMPLETE)):
+        logger.warning(
+            "%s has no %s: it was written by another tool, or its save was interrupted", value, CHECKPOINT_COMPLETE
+        )
     return value
 
 

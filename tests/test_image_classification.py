@@ -247,14 +247,20 @@ def test_missing_dataset_offline_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_resume_from_checkpoint_values(tmp_path):
-    with pytest.raises(ValueError, match="no checkpoint-\\* folder"):
+    with pytest.raises(ValueError, match="no complete checkpoint-\\* folder"):
         recipe.resolve_checkpoint("true", str(tmp_path))
-    (tmp_path / "checkpoint-5").mkdir()
-    (tmp_path / "checkpoint-12").mkdir()
+    for step in (5, 12):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / recipe.CHECKPOINT_COMPLETE).write_text("{}")
+    (tmp_path / "checkpoint-20").mkdir()  # a save interrupted by a crash: no marker
     assert recipe.resolve_checkpoint("last", str(tmp_path)) == str(tmp_path / "checkpoint-12")
     assert recipe.resolve_checkpoint(None, str(tmp_path)) is None
     with pytest.raises(ValueError, match="no such directory"):
         recipe.resolve_checkpoint(str(tmp_path / "checkpoint-99"), str(tmp_path))
+    only_partial = tmp_path / "other"
+    (only_partial / "checkpoint-3").mkdir(parents=True)
+    with pytest.raises(ValueError, match="checkpoint-3 is incomplete"):
+        recipe.resolve_checkpoint("last", str(only_partial))
 
 
 def _tiny_run_args(train_dir: Path, val_dir: Path, out: Path) -> list[str]:
@@ -361,6 +367,7 @@ def test_one_process_rlion_checkpoints_and_resume(tmp_path):
                  "config.json", "model.safetensors", "preprocessor_config.json", "training_curves.png"):  # fmt: skip
         assert (full / name).is_file(), name
     assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
+    assert all((c / recipe.CHECKPOINT_COMPLETE).is_file() for c in full.glob("checkpoint-*"))
     eval_results = _read_json(full / "eval_results.json")
     all_results = _read_json(full / "all_results.json")
     assert eval_results["eval_samples"] == 60 and all_results["train_samples"] == 200
