@@ -85,7 +85,13 @@ class RLionBase(torch.optim.Optimizer):
         Works with fp16 loss scaling (which skips the whole step itself before we see inf)
         and with gradient clipping (a clipped NaN stays NaN and is skipped here).
         """
-        mask = finite_gradient_mask([p.grad for p in params])
+        grads = [p.grad for p in params]
+        if all(type(g) is Tensor for g in grads):  # plain tensors: one C pass each (fused_cpu), else torch
+            from .fused_cpu import finite_mask
+
+            mask = finite_mask(grads)
+        else:
+            mask = finite_gradient_mask(grads)
         if all(mask):
             return params
         kept = [p for p, ok in zip(params, mask) if ok]
@@ -98,7 +104,7 @@ class RLionBase(torch.optim.Optimizer):
                 f"{type(self).__name__}: {len(skipped)} parameter tensor(s) with NaN/inf gradients (shapes {shapes}) "
                 "were not updated this step; later skips are counted in optimizer.nonfinite_skips without warning",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         return kept
 

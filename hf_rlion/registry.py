@@ -22,6 +22,9 @@ _RLION_8BIT_KEYS = (
     "beta2",
     "maximize",
     "min_8bit_size",
+    "optim_bits",
+    "foreach",
+    "fused",
 )
 
 
