@@ -52,19 +52,19 @@ class OptimizerSpec:
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     spec.name: spec
     for spec in (
-        OptimizerSpec("rlion", "hf_rlion.rlion:RLion", _RLION_KEYS, default_lr=1e-4),
+        OptimizerSpec("rlion", "hf_rlion.rlion:RLion", _RLION_KEYS, default_lr=1e-3),
         OptimizerSpec(
             "rlion_8bit",
             "hf_rlion.rlion8bit:RLion8bit",
             _RLION_8BIT_KEYS,
-            default_lr=1e-4,
+            default_lr=1e-3,
             install_hint="pip install 'hf-rlion[8bit]'",
         ),
         OptimizerSpec(
             "paged_rlion_8bit",
             "hf_rlion.rlion8bit:PagedRLion8bit",
             _RLION_8BIT_KEYS,
-            default_lr=1e-4,
+            default_lr=1e-3,
             install_hint="pip install 'hf-rlion[8bit]'",
         ),
         OptimizerSpec("adamw", "torch.optim:AdamW", ("beta1", "beta2", "eps", "foreach", "fused"), default_lr=1e-3),

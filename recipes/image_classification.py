@@ -28,9 +28,8 @@ command line): ``--optim rlion``, ``--learning_rate 1e-3``, ``--weight_decay 0.0
 ``--num_train_epochs 10``, ``--per_device_train_batch_size 64``, ``--eval_strategy epoch``,
 ``--save_strategy epoch``, ``--save_total_limit 2``, ``--logging_steps 20``,
 ``--output_dir outputs/image_classification``, ``--report_to none``,
-``--remove_unused_columns false``. ``--learning_rate 1e-3``: RLion's registry default (1e-4) is
-Lion's fine-tuning rate; training a small model from scratch wants more, and 1e-3 is where the
-digits probe (docs/image_classification.md) gives RLion its accuracy. RLion's own
+``--remove_unused_columns false``. ``--learning_rate 1e-3``: RLion's own default, chosen by the
+optimizer study (docs/results.md); Trainer would otherwise pass its 5e-5. RLion's own
 hyperparameters (alpha, alpha_scaling, betas, ...) are never set here: they are the ``RLion``
 class defaults unless ``--optim_args`` says otherwise.
 
