@@ -116,7 +116,10 @@ def check_supported(params: list[Tensor]) -> None:
 
 def _kernel_eligible(p: Tensor, g: Tensor, m: Tensor) -> bool:
     return (
-        p.dtype in _DTYPE_CODES
+        type(p.data) is Tensor  # no tensor subclasses (DTensor, ...): their data_ptr is not the whole tensor
+        and type(g) is Tensor
+        and type(m) is Tensor
+        and p.dtype in _DTYPE_CODES
         and g.dtype == p.dtype
         and m.dtype == torch.float32
         and p.device.type == g.device.type == m.device.type == "cpu"
@@ -247,7 +250,11 @@ def finite_mask(grads: list[Tensor]) -> list[bool]:
     fast = [
         i
         for i, g in enumerate(grads)
-        if lib is not None and g.device.type == "cpu" and g.dtype in _DTYPE_CODES and g.is_contiguous()
+        if lib is not None
+        and type(g) is Tensor
+        and g.device.type == "cpu"
+        and g.dtype in _DTYPE_CODES
+        and g.is_contiguous()
     ]
     mask = [True] * len(grads)
     fast_set = set(fast)
