@@ -6,6 +6,7 @@ the single-process run sees the same 32 samples per step, so the weights must ag
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -29,9 +30,16 @@ def _single_process(optim, out):
     return [sys.executable, os.path.join(HERE, "scripts", "distributed_train.py"), "--optim", optim, "--output_dir", str(out)]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _ddp(optim, out, *extra):
     return [
         os.path.join(BIN, "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--main_process_port", str(_free_port()),
         "--mixed_precision", "no", "--dynamo_backend", "no",
         os.path.join(HERE, "scripts", "distributed_train.py"), "--optim", optim, "--output_dir", str(out), *extra,
     ]  # fmt: skip

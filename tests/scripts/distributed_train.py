@@ -34,7 +34,7 @@ def main():
     data = torch.utils.data.TensorDataset(torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y))
     per_device = args.global_batch // accelerator.num_processes
     loader = torch.utils.data.DataLoader(data, batch_size=per_device, shuffle=False, drop_last=True)
-    model = nn.Sequential(nn.Linear(64, 48), nn.LayerNorm(48), nn.GELU(), nn.Linear(48, 10))
+    model = nn.Sequential(nn.Linear(64, 96), nn.LayerNorm(96), nn.GELU(), nn.Linear(96, 10))
     model, loader = accelerator.prepare(model, loader)  # FSDP needs the model wrapped before the optimizer
     optimizer = accelerator.prepare(hf_rlion.create_optimizer(model, args.optim, lr=3e-3, weight_decay=0.01))
 

@@ -30,7 +30,7 @@ def main():
     torch.manual_seed(0)
     x, y = load_digits(return_X_y=True)
     x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
-    model = nn.Sequential(nn.Linear(64, 48), nn.LayerNorm(48), nn.GELU(), nn.Linear(48, 10))
+    model = nn.Sequential(nn.Linear(64, 96), nn.LayerNorm(96), nn.GELU(), nn.Linear(96, 10))
     fully_shard(model)
     optimizer = hf_rlion.create_optimizer(model, args.optim, lr=3e-3, weight_decay=0.01)
     per_rank = args.global_batch // world
