@@ -1,4 +1,4 @@
-r"""The fused CPU RLion step: one C kernel call per param group, at the memory-bandwidth limit.
+r"""The fused CPU RLion step: one C kernel call per param group, one memory pass per tensor.
 
 :class:`hf_rlion.RLion` picks this path by default for CPU parameters (``fused=None``) and on
 request (``fused=True``). The kernel (``hf_rlion/_rlion_kernel.c``, built by
@@ -15,7 +15,7 @@ add, lerp: ~10 passes) and ``torch.atan`` runs at ~0.45 G elements/s on two core
 reads θ, g, m and writes θ, m once (20 bytes per float32 parameter; the ``"rms"`` rule reads g
 and m once more, tensor by tensor, so that the second read partly hits the cache), with a
 vectorised arctan (:func:`atan`, within 1 ulp of the correctly rounded value). It allocates no
-tensor-sized temporaries.
+tensor-sized temporaries. On one core it is compute-bound (the arctan): see docs/benchmarks.md.
 
 Supported: CPU tensors, parameters float32, bfloat16 or float16 with a gradient of the same
 dtype and float32 momentum (the state policy of :class:`~hf_rlion.RLion`). Tensors outside that
@@ -43,10 +43,9 @@ _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 #: split across threads. The threshold is raised to a quarter of each thread's share of the group
 #: so that the per-thread tensors still balance.
 RMS_SPLIT_MIN_NUMEL = 1 << 20
+
 _library: Optional[ctypes.CDLL] = None
 _library_loaded = False
-
-_c_void_p_p = ctypes.POINTER(ctypes.c_void_p)
 
 
 def _load() -> Optional[ctypes.CDLL]:
