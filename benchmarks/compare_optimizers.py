@@ -356,9 +356,18 @@ def full_grid(seeds=(0, 1, 2)) -> list[dict]:
     return runs
 
 
+def default_rlion_config() -> OptimizerConfig:
+    """RLion with the package's current defaults, read from the ``RLion`` signature."""
+    import inspect
+
+    params = inspect.signature(hf_rlion.RLion).parameters
+    return rlion_config(params["alpha"].default, params["alpha_scaling"].default, params["bias_correction"].default)
+
+
 def small_grid() -> list[dict]:
-    """A few minutes on one core: the decisive comparison at three learning rates, one seed."""
-    optimizers = [ADAMW, LION, rlion_config(3.0, "rms"), rlion_config(1000.0, "fixed")]
+    """A few minutes on one core: the decisive comparison at three learning rates, one seed:
+    AdamW, Lion, RLion with its defaults and the paper's fixed-α rule with α = 1000."""
+    optimizers = [ADAMW, LION, default_rlion_config(), rlion_config(1000.0, "fixed")]
     return [
         dict(task=task, optimizer=opt, lr=lr, seed=0, warmup=False)
         for opt, lr, task in itertools.product(optimizers, (1e-4, 1e-3, 1e-2), ("digits", "boxes", "textures"))
@@ -655,11 +664,8 @@ def plot_lr_sweep(summary: dict, tasks: list[str], path: Path, title: str) -> No
 
 
 def default_rlion_label() -> str:
-    """The grid label of RLion with the package's current defaults (read from the signature)."""
-    import inspect
-
-    params = inspect.signature(hf_rlion.RLion).parameters
-    return rlion_config(params["alpha"].default, params["alpha_scaling"].default).label
+    """The grid label of RLion with the package's current defaults."""
+    return default_rlion_config().label
 
 
 def plot_headline(summary: dict, tasks: list[str], path: Path) -> None:
