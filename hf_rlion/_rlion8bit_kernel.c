@@ -34,7 +34,8 @@
 /* arctan in float32, branch-free so that it vectorises: the same function, coefficients and
  * error compensation as rlion_atanf in _rlion_kernel.c (the fp32 RLion kernel), so RLion and
  * RLion8bit take identical steps from identical momentum. Kept as a copy because each kernel
- * file is compiled on its own; tests/test_rlion8bit.py checks that both agree bit for bit.
+ * file is compiled on its own; tests/test_rlion8bit.py checks that both agree bit for bit
+ * (it caught the fp32 kernel dropping its division-error compensation: update both together).
  * Within 1 ulp of the correctly rounded arctan; +-0 keep their sign, +-inf -> +-pi/2, NaN stays NaN. */
 static const float ATAN_C0 = -0x1.55553ep-2f;
 static const float ATAN_C1 = 0x1.9991e8p-3f;
@@ -64,13 +65,9 @@ static inline float fast_atanf(float a) {
     poly = fmaf(poly, z, ATAN_C0);
     const float tz = t * z;
     const float small_result = fmaf(tz, poly, t);
-    const float e = fmaf(-t, x, 1.0f);
-    const float t_lo = (x <= FLT_MAX) ? t * e : 0.0f;
-    const float one_over_1pz = fmaf(fmaf(0.3274011f, z, -0.80405105f), z, 0.98603903f);
     const float head = PIO2_HI - t;
     const float head_err = (PIO2_HI - head) - t;
-    const float tail = (head_err + PIO2_LO) - fmaf(tz, poly, t_lo * one_over_1pz);
-    const float big_result = head + tail;
+    const float big_result = head + ((head_err + PIO2_LO) - tz * poly);
     return copysignf(big ? big_result : small_result, a);
 }
 
