@@ -94,8 +94,13 @@ class RLionBase(torch.optim.Optimizer):
             mask = finite_gradient_mask(grads)
         if all(mask):
             return params
-        kept = [p for p, ok in zip(params, mask) if ok]
-        skipped = [p for p, ok in zip(params, mask) if not ok]
+        self._record_nonfinite([p for p, ok in zip(params, mask) if not ok])
+        return [p for p, ok in zip(params, mask) if ok]
+
+    def _record_nonfinite(self, skipped: list[Tensor]) -> None:
+        """Count tensors skipped for NaN/inf gradients; warn the first time (see ``_skip_nonfinite``)."""
+        if not skipped:
+            return
         self.nonfinite_skips += len(skipped)
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
@@ -104,9 +109,8 @@ class RLionBase(torch.optim.Optimizer):
                 f"{type(self).__name__}: {len(skipped)} parameter tensor(s) with NaN/inf gradients (shapes {shapes}) "
                 "were not updated this step; later skips are counted in optimizer.nonfinite_skips without warning",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
-        return kept
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)

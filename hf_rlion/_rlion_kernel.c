@@ -28,7 +28,7 @@
 #include <float.h>
 #include <omp.h>
 
-#define RLION_ABI_VERSION 1
+#define RLION_ABI_VERSION 2
 #define CHUNK 16384
 /* below this many elements per call one thread does it all: waking a second thread costs more
  * than it saves (microseconds on an idle machine, milliseconds on an oversubscribed one) */
@@ -184,6 +184,13 @@ static inline float lerpf(float start, float end, float w) {
         }                                                                                          \
         return acc;                                                                                \
     }                                                                                              \
+    static double finite_scan_##NAME(const void *g, int64_t lo, int64_t hi) {                     \
+        float acc = 0.0f; /* g * 0 is 0 for finite g, NaN for +-inf and NaN */                    \
+        _Pragma("omp simd reduction(+ : acc)") for (int64_t i = lo; i < hi; i++) {                 \
+            acc += LOAD(g, i) * 0.0f;                                                              \
+        }                                                                                          \
+        return (double)acc;                                                                        \
+    }                                                                                              \
     static void update_##NAME(void *p, const void *g, float *m, int64_t lo, int64_t hi,            \
                               const rlion_hp *h, float k) {                                        \
         const float w1 = h->w1, w2 = h->w2, gsign = h->gsign, step_lr = h->step_lr;                \
@@ -210,6 +217,20 @@ static double sumsq(int dtype, const void *g, const float *m, int64_t lo, int64_
     }
 }
 
+static double finite_scan(int dtype, const void *g, int64_t lo, int64_t hi) {
+    switch (dtype) {
+    case DT_BF16: return finite_scan_bf16(g, lo, hi);
+    case DT_F16: return finite_scan_f16(g, lo, hi);
+    default: return finite_scan_f32(g, lo, hi);
+    }
+}
+
+/* The read pass before a tensor's update: its sum of squares of c ("rms"), or a finiteness scan of
+ * g ("fixed" with check_finite). Either total is non-finite exactly when some c (g) is. */
+static double prepass(int rms, int dtype, const void *g, const float *m, int64_t lo, int64_t hi, const rlion_hp *h) {
+    return rms ? sumsq(dtype, g, m, lo, hi, h) : finite_scan(dtype, g, lo, hi);
+}
+
 static void update(int dtype, void *p, const void *g, float *m, int64_t lo, int64_t hi, const rlion_hp *h,
                    float k) {
     switch (dtype) {
@@ -230,6 +251,15 @@ static float rms_scale(const double *chunk_sums, int64_t n_chunks, int64_t numel
     return (float)((double)alpha / rms_c_hat * inv_bc);
 }
 
+/* The multiplier k of tensor t after its pre-pass; sets *bad when the pre-pass total is non-finite. */
+static float scale_after_prepass(int rms, const double *sums, int64_t nc, int64_t numel, float alpha, double inv_bc,
+                                 int *bad) {
+    double total = 0.0;
+    for (int64_t i = 0; i < nc; i++) total += sums[i];
+    *bad = !isfinite(total);
+    return rms ? rms_scale(sums, nc, numel, alpha, inv_bc) : (float)((double)alpha * inv_bc);
+}
+
 static int64_t n_chunks_of(int64_t numel) { return (numel + CHUNK - 1) / CHUNK; }
 static int64_t chunk_end(int64_t lo, int64_t numel) { return lo + CHUNK < numel ? lo + CHUNK : numel; }
 
@@ -237,9 +267,14 @@ static int64_t chunk_end(int64_t lo, int64_t numel) { return lo + CHUNK < numel 
  *
  * inv_bias_correction[t] = 1 / (1 - beta1^step_t) (1 when bias correction is off).
  * rms != 0 selects alpha_scaling="rms".
+ * check_finite != 0: a tensor whose gradient holds NaN/inf is left untouched (parameter and
+ * momentum) and skipped[t] = 1. The check rides on the read pass each tensor gets right before
+ * its update (the RMS reduction, or a finiteness scan of g under "fixed"), tensor by tensor,
+ * so the update's second read of g mostly hits the cache instead of a separate pass over the
+ * whole model. skipped[t] = 0 otherwise (and always when check_finite == 0).
  *
- * Work split ("fixed"): all tensors cut into CHUNK-element chunks, handed out dynamically;
- * one barrier for the whole call.
+ * Work split ("fixed" without check_finite): all tensors cut into CHUNK-element chunks, handed
+ * out dynamically; one barrier for the whole call. With check_finite, "fixed" is split like "rms".
  * Work split ("rms"): a tensor's update needs the RMS of the whole tensor first. Tensors below
  * split_numel are each done by one thread from start to end (reduction, then the update walking
  * backwards so the data the reduction read last is still in cache), handed out dynamically with
@@ -250,7 +285,7 @@ static int64_t chunk_end(int64_t lo, int64_t numel) { return lo + CHUNK < numel 
 int rlion_step(int32_t n, void *const *params, const void *const *grads, float *const *exp_avgs,
                const int64_t *numels, const int32_t *dtypes, const double *inv_bias_correction, float w1,
                float w2, float lr, float weight_decay, float alpha, int32_t rms, int32_t maximize,
-               int64_t split_numel, int32_t num_threads) {
+               int64_t split_numel, int32_t num_threads, int32_t check_finite, int32_t *skipped) {
     rlion_hp h;
     h.w1 = w1;
     h.w2 = w2;
@@ -271,15 +306,18 @@ int rlion_step(int32_t n, void *const *params, const void *const *grads, float *
     const int64_t total_chunks = chunk_offset[n];
     if (total_numel < PARALLEL_MIN_NUMEL) num_threads = 1;
     int32_t *chunk_tensor = malloc(sizeof(int32_t) * (size_t)(total_chunks + 1));
-    double *chunk_sums = rms ? malloc(sizeof(double) * (size_t)(total_chunks + 1)) : NULL;
-    if (!chunk_tensor || (rms && !chunk_sums)) {
+    const int two_pass = rms || check_finite;
+    double *chunk_sums = two_pass ? malloc(sizeof(double) * (size_t)(total_chunks + 1)) : NULL;
+    if (!chunk_tensor || (two_pass && !chunk_sums)) {
         free(chunk_offset), free(chunk_tensor), free(chunk_sums);
         return -1;
     }
-    for (int32_t t = 0; t < n; t++)
+    for (int32_t t = 0; t < n; t++) {
+        skipped[t] = 0;
         for (int64_t i = chunk_offset[t]; i < chunk_offset[t + 1]; i++) chunk_tensor[i] = t;
+    }
 
-    if (!rms) {
+    if (!two_pass) {
 #pragma omp parallel for schedule(dynamic, 2) num_threads(num_threads) if (num_threads > 1)
         for (int64_t i = 0; i < total_chunks; i++) {
             const int32_t t = chunk_tensor[i];
@@ -297,8 +335,13 @@ int rlion_step(int32_t n, void *const *params, const void *const *grads, float *
                 const int64_t nc = n_chunks_of(numels[t]);
                 double *sums = chunk_sums + chunk_offset[t];
                 for (int64_t c = 0; c < nc; c++)
-                    sums[c] = sumsq(dtypes[t], grads[t], exp_avgs[t], c * CHUNK, chunk_end(c * CHUNK, numels[t]), &h);
-                const float k = rms_scale(sums, nc, numels[t], alpha, inv_bias_correction[t]);
+                    sums[c] = prepass(rms, dtypes[t], grads[t], exp_avgs[t], c * CHUNK, chunk_end(c * CHUNK, numels[t]), &h);
+                int bad;
+                const float k = scale_after_prepass(rms, sums, nc, numels[t], alpha, inv_bias_correction[t], &bad);
+                if (bad && check_finite) {
+                    skipped[t] = 1;
+                    continue;
+                }
                 for (int64_t c = nc - 1; c >= 0; c--)
                     update(dtypes[t], params[t], grads[t], exp_avgs[t], c * CHUNK, chunk_end(c * CHUNK, numels[t]), &h,
                            k);
@@ -310,8 +353,14 @@ int rlion_step(int32_t n, void *const *params, const void *const *grads, float *
                 double *sums = chunk_sums + chunk_offset[t];
 #pragma omp for schedule(dynamic, 2)
                 for (int64_t c = 0; c < nc; c++)
-                    sums[c] = sumsq(dtypes[t], grads[t], exp_avgs[t], c * CHUNK, chunk_end(c * CHUNK, numels[t]), &h);
-                const float k = rms_scale(sums, nc, numels[t], alpha, inv_bias_correction[t]);
+                    sums[c] = prepass(rms, dtypes[t], grads[t], exp_avgs[t], c * CHUNK, chunk_end(c * CHUNK, numels[t]), &h);
+                int bad;
+                const float k = scale_after_prepass(rms, sums, nc, numels[t], alpha, inv_bias_correction[t], &bad);
+                if (bad && check_finite) { /* every thread sees the same total: all skip */
+#pragma omp single nowait
+                    skipped[t] = 1;
+                    continue;
+                }
 #pragma omp for schedule(dynamic, 2) nowait
                 for (int64_t j = 0; j < nc; j++) {
                     const int64_t c = nc - 1 - j;

@@ -36,7 +36,7 @@ from . import native
 __all__ = ["is_supported", "check_supported", "fused_rlion", "atan", "finite_mask", "kernel_available"]
 
 _KERNEL_SOURCE = "_rlion_kernel.c"
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 #: Under ``alpha_scaling="rms"`` a tensor with fewer elements than this is reduced and updated by
 #: one thread (no synchronisation; its second read mostly hits that core's cache); larger ones are
@@ -76,6 +76,8 @@ def _load() -> Optional[ctypes.CDLL]:
                 ctypes.c_int32,  # maximize
                 ctypes.c_int64,  # split_numel
                 ctypes.c_int32,  # num_threads
+                ctypes.c_int32,  # check_finite
+                ctypes.c_void_p,  # skipped (int32 per tensor, out)
             ]
             lib.rlion_atan_f32.restype = None
             lib.rlion_atan_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
@@ -153,11 +155,16 @@ def fused_rlion(
     alpha_scaling: str,
     bias_correction: bool,
     maximize: bool,
-) -> None:
+    check_finite: bool = False,
+) -> list[int]:
     """One RLion step, in place, for every tensor: the contract of ``_single_tensor_rlion``.
 
     ``steps[i]`` is tensor i's step count after incrementing (used for bias correction).
-    Gradients must be finite (``RLion.step`` drops tensors with NaN/inf gradients first).
+    With ``check_finite=False`` gradients must be finite (``RLion.step`` drops tensors with
+    NaN/inf gradients first). With ``check_finite=True`` this function applies the policy itself:
+    a tensor whose gradient holds NaN/inf is left untouched, and the returned list holds the
+    indices of those tensors (the kernel checks each tensor right before updating it, while its
+    gradient is in cache: cheaper than a separate pass over every gradient).
     """
     if alpha_scaling not in ("rms", "fixed"):
         raise ValueError(f"alpha_scaling must be one of ['rms', 'fixed'], got {alpha_scaling!r}")
@@ -177,6 +184,13 @@ def fused_rlion(
         bias_correction=bias_correction,
         maximize=maximize,
     )
+    skipped: list[int] = []
+    if fallback and check_finite:
+        from ._optimizer_base import finite_gradient_mask
+
+        finite = finite_gradient_mask([grads[i] for i in fallback])
+        skipped = [i for i, ok in zip(fallback, finite) if not ok]
+        fallback = [i for i, ok in zip(fallback, finite) if ok]
     if fallback:
         from .rlion import _single_tensor_rlion
 
@@ -188,7 +202,7 @@ def fused_rlion(
             **hyperparameters,
         )
     if not kernel:
-        return
+        return sorted(skipped)
     n = len(kernel)
     ps = [params[i] for i in kernel]
     inv_bias_correction = (ctypes.c_double * n)(
@@ -197,6 +211,7 @@ def fused_rlion(
     numels = (ctypes.c_int64 * n)(*[p.numel() for p in ps])
     threads = torch.get_num_threads()
     dtypes = (ctypes.c_int32 * n)(*[_DTYPE_CODES[p.dtype] for p in ps])
+    skipped_flags = (ctypes.c_int32 * n)()
     status = lib.rlion_step(
         n,
         _pointer_array(ps),
@@ -214,9 +229,12 @@ def fused_rlion(
         1 if maximize else 0,
         _rms_split_numel(list(numels), threads),
         threads,
+        1 if check_finite else 0,
+        skipped_flags,
     )
     if status != 0:
         raise MemoryError("fused RLion kernel: could not allocate its chunk table")
+    return sorted(skipped + [i for i, flag in zip(kernel, skipped_flags) if flag])
 
 
 def atan(x: Tensor) -> Tensor:

@@ -136,6 +136,12 @@ def _foreach_rlion(
             torch._foreach_lerp_(ms, gs, 1.0 - beta2)
 
 
+def _fused_rlion():
+    from .fused_cpu import fused_rlion
+
+    return fused_rlion
+
+
 class RLion(RLionBase):
     r"""RLion (Rong et al., *A refined lion optimizer for deep learning*, Sci. Rep. 15, 2025).
 
@@ -257,24 +263,28 @@ class RLion(RLionBase):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads, exp_avgs, steps = [], [], [], []
-            for p in self._skip_nonfinite(list(self._params_with_grad(group))):
+            candidates = list(self._params_with_grad(group))
+            if not candidates:
+                continue
+            implementation = self._implementation(group, candidates)
+            # The fused CPU kernel applies the non-finite policy itself, tensor by tensor, on the
+            # read pass right before each update (its gradient is then in cache); the other paths
+            # drop tensors with NaN/inf gradients first.
+            checks_itself = implementation is _fused_rlion()
+            params = candidates if checks_itself else self._skip_nonfinite(candidates)
+            grads, exp_avgs, steps = [], [], []
+            for p in params:
                 state = self.state[p]
                 if len(state) == 0:
                     self._init_state(p, state)
                 state["step"] += 1
-                params.append(p)
                 grads.append(p.grad)
                 exp_avgs.append(state["exp_avg"])
                 steps.append(int(state["step"].item()))
             if not params:
                 continue
             beta1, beta2 = group["betas"]
-            self._implementation(group, params)(
-                params,
-                grads,
-                exp_avgs,
-                steps,
+            hyperparameters = dict(
                 lr=group["lr"],
                 beta1=beta1,
                 beta2=beta2,
@@ -284,4 +294,14 @@ class RLion(RLionBase):
                 bias_correction=group["bias_correction"],
                 maximize=group["maximize"],
             )
+            if checks_itself:
+                skipped = implementation(params, grads, exp_avgs, steps, check_finite=True, **hyperparameters)
+                for i in skipped:  # not updated: the step count goes back, fresh state goes away
+                    state = self.state[params[i]]
+                    state["step"] -= 1
+                    if state["step"].item() == 0:
+                        del self.state[params[i]]
+                self._record_nonfinite([params[i] for i in skipped])
+            else:
+                implementation(params, grads, exp_avgs, steps, **hyperparameters)
         return loss

@@ -139,3 +139,38 @@ def test_bf16_parameters_learn_with_float32_momentum(float32_accuracy):
     assert accuracy > float32_accuracy - 0.05 and accuracy > 0.85, (accuracy, float32_accuracy)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
+
+
+@pytest.mark.parametrize("alpha_scaling", ["rms", "fixed"])
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")])
+def test_fused_kernel_checks_each_tensor_itself_like_the_reference(alpha_scaling, bad_value):
+    """The fused CPU path applies the policy inside the kernel (small tensors and ones split across threads)."""
+    from hf_rlion import fused_cpu
+
+    if not fused_cpu.kernel_available():
+        pytest.skip("no C compiler here: the fused path is unavailable")
+    torch.manual_seed(0)
+    shapes = [(3000,), (2_200_000,), (64, 64), (2_100_000,)]  # two above the kernel's split size
+    start = [torch.randn(s) for s in shapes]
+    grads = [torch.randn(s) * 1e-3 for s in shapes]
+    for poisoned in (1, 2):  # one large (split) and one small tensor get a bad element
+        grads[poisoned].view(-1)[grads[poisoned].numel() // 2] = bad_value
+    runs = {}
+    for path in (dict(fused=True), dict(foreach=False, fused=False)):
+        params = [nn.Parameter(t.clone()) for t in start]
+        opt = RLion(params, lr=1e-2, weight_decay=0.1, alpha_scaling=alpha_scaling, **path)
+        for _ in range(2):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                opt.step()
+        runs[str(path)] = (params, opt)
+    (fused_params, fused_opt), (ref_params, ref_opt) = runs.values()
+    assert fused_opt.nonfinite_skips == ref_opt.nonfinite_skips == 4
+    for i, (a, b, s) in enumerate(zip(fused_params, ref_params, start)):
+        if i in (1, 2):
+            assert torch.equal(a.detach(), s) and a not in fused_opt.state
+        else:
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-6)
+            assert fused_opt.state[a]["step"].item() == 2
