@@ -272,17 +272,18 @@ class RLion(RLionBase):
             # drop tensors with NaN/inf gradients first.
             checks_itself = implementation is _fused_rlion()
             params = candidates if checks_itself else self._skip_nonfinite(candidates)
-            grads, exp_avgs, steps = [], [], []
+            if not params:
+                continue
+            grads, exp_avgs, step_tensors = [], [], []
             for p in params:
                 state = self.state[p]
                 if len(state) == 0:
                     self._init_state(p, state)
-                state["step"] += 1
                 grads.append(p.grad)
                 exp_avgs.append(state["exp_avg"])
-                steps.append(int(state["step"].item()))
-            if not params:
-                continue
+                step_tensors.append(state["step"])
+            torch._foreach_add_(step_tensors, 1.0)  # one call, not one tensor op per parameter
+            steps = [int(s) for s in torch.stack(step_tensors).tolist()]
             beta1, beta2 = group["betas"]
             hyperparameters = dict(
                 lr=group["lr"],
