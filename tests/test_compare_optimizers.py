@@ -85,3 +85,17 @@ def test_texture_patches_are_standardised_and_splits_disjoint(study):
     torch.testing.assert_close(data.x_train.mean(dim=(1, 2, 3)), torch.zeros(60), atol=1e-4, rtol=0)
     torch.testing.assert_close(data.x_train.std(dim=(1, 2, 3), unbiased=False), torch.ones(60), atol=1e-3, rtol=0)
     assert sorted(data.y_train.unique().tolist()) == [0, 1, 2]
+
+
+def test_recipe_caltech_task_goes_through_the_detection_recipe(study):
+    """The detection task's data comes from the recipe's loader and split, its model from the recipe."""
+    task = study.TASKS["recipe_caltech"]
+    data = study.task_data(task)
+    assert data.x_train.shape == (240, 3, 64, 64) and data.x_test.shape == (60, 3, 64, 64)
+    for boxes in (data.y_train, data.y_test):
+        assert boxes.min() >= 0 and boxes.max() <= 1
+        assert torch.all(boxes[:, 2] > boxes[:, 0]) and torch.all(boxes[:, 3] > boxes[:, 1])
+    model = task.make_model()
+    assert type(model.model).__name__ == "ViTBoxRegressionModel"
+    record = study.train_one(task, study.default_rlion_config(), 1e-3, seed=0, warmup=False, epochs=2)
+    assert math.isfinite(record["metric"]) and record["metric"] > study.learned_nothing_metric(task)
