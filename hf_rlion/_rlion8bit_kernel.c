@@ -72,7 +72,9 @@ static inline float fast_atanf(float a) {
 }
 
 /* The kernel's loops are written so that GCC vectorises them (omp simd, loop-invariant choices
- * hoisted into multiplications that are exact: g * (+-1), c / 1, p * 1). */
+ * hoisted into multiplications that are exact: g * (+-1), c / 1, p * 1). The two table lookups
+ * (qmap[code], lut[index]) stay scalar loads: AVX-512 gathers written with intrinsics were measured
+ * slower (qmap, -10 %) or no faster (lut) on the Zen 4 this was tuned on. */
 
 /* momentum of one block, dequantised: m[i] = qmap[code[i]] * absmax */
 static inline void dequantize_block(const uint8_t *q, const float *qmap, float scale, int64_t len, float *m) {
@@ -81,12 +83,14 @@ static inline void dequantize_block(const uint8_t *q, const float *qmap, float s
         m[i] = qmap[(int32_t)q[i]] * scale;
 }
 
-/* bitsandbytes' CPU quantize_blockwise for one block; returns its absmax */
+/* bitsandbytes' CPU quantize_blockwise for one block; returns its absmax. Per element:
+ * v = clamp(m * (1 / absmax), -1, 1), index = (int)(((v + 1) * 0.5) * 65535 + 0.5), code = lut[index]
+ * (each operation rounded to float32 in this order, as bitsandbytes computes it). */
 static inline float quantize_block(const float *m, const uint8_t *lut, int64_t len, uint8_t *q) {
     float block_max = 0.0f;
 #pragma omp simd reduction(max : block_max)
     for (int64_t i = 0; i < len; ++i) {
-        const float a = fabsf(m[i]); /* finite: gradients are checked before the step */
+        const float a = fabsf(m[i]); /* finite: tensors with NaN/inf gradients are skipped before */
         block_max = a > block_max ? a : block_max; /* not fmaxf: that is a libm call without -ffast-math */
     }
     if (block_max == 0.0f) {
@@ -97,15 +101,15 @@ static inline float quantize_block(const float *m, const uint8_t *lut, int64_t l
     const float inv = 1.0f / block_max;
     int32_t index[BLOCK];
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-        float v = m[i] * inv;
+    for (int64_t j = 0; j < len; ++j) {
+        float v = m[j] * inv;
         v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
         const float t = (v + 1.0f) * 0.5f;
         const float s = t * 65535.0f;
-        index[i] = (int32_t)(s + 0.5f);
+        index[j] = (int32_t)(s + 0.5f);
     }
-    for (int64_t i = 0; i < len; ++i)
-        q[i] = lut[index[i]];
+    for (int64_t j = 0; j < len; ++j)
+        q[j] = lut[index[j]];
     return block_max;
 }
 
@@ -127,31 +131,65 @@ static inline uint16_t f32_to_bf16(float f) {
 
 enum { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
 
-/* Per-block work of the two passes. */
+/* Everything a block needs besides its data (set once per call). */
+typedef struct {
+    int dtype;
+    float grad_sign;             /* -1 if maximize else +1 */
+    int small1, small2;          /* |1 - beta| < 0.5: which side torch's lerp computes from */
+    float w1, w1_minus_1, w2, w2_minus_1;
+    float two_over_pi, decay_factor, neg_lr;
+} hyper8;
 
-/* sum over one block of c_hat^2, c_hat = lerp(m, g, 1 - beta1) / divisor */
+/* The gradient of block [start, start + len) of a tensor as float32 (widened into `wide` for bfloat16). */
+static inline const float *grad_block(const hyper8 *h, const void *grad, int64_t start, int64_t len, float *wide) {
+    if (h->dtype != DTYPE_BF16)
+        return (const float *)grad + start;
+    const uint16_t *gh = (const uint16_t *)grad + start;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i)
+        wide[i] = bf16_to_f32(gh[i]);
+    return wide;
+}
+
+/* sum over one block of c_hat^2, c_hat = lerp(m, g, 1 - beta1) / divisor; *nonfinite accumulates
+ * g * 0 (0 for finite g, NaN for NaN or +-inf) */
 static inline float block_sumsq(const float *gr, const uint8_t *q, const float *qmap, float scale, int64_t len,
-                                float grad_sign, int small1, float w1, float w1_minus_1, float divisor) {
+                                const hyper8 *h, float divisor, float *nonfinite) {
     float m[BLOCK];
     dequantize_block(q, qmap, scale, len, m);
-    float partial = 0.0f;
-#pragma omp simd reduction(+ : partial)
+    const float grad_sign = h->grad_sign, w1 = h->w1, w1_minus_1 = h->w1_minus_1;
+    const int small1 = h->small1;
+    float partial = 0.0f, zero = 0.0f;
+#pragma omp simd reduction(+ : partial, zero)
     for (int64_t i = 0; i < len; ++i) {
         const float g = gr[i] * grad_sign;
         const float d = g - m[i];
         const float c = (small1 ? fmaf(w1, d, m[i]) : fmaf(w1_minus_1, d, g)) / divisor;
         partial = fmaf(c, c, partial);
+        zero += g * 0.0f;
     }
+    *nonfinite += zero;
     return partial;
+}
+
+/* g * 0 summed over one block: 0 when every g is finite, NaN otherwise */
+static inline float block_finite_scan(const float *gr, int64_t len) {
+    float zero = 0.0f;
+#pragma omp simd reduction(+ : zero)
+    for (int64_t i = 0; i < len; ++i)
+        zero += gr[i] * 0.0f;
+    return zero;
 }
 
 /* the step on one block; returns the block's new absmax (its codes are written to q) */
 static inline float block_step(float *p, const float *gr, uint8_t *q, const float *qmap, const uint8_t *lut,
-                               float scale, int64_t len, float grad_sign, int small1, float w1, float w1_minus_1,
-                               int small2, float w2, float w2_minus_1, float divisor, float alpha, float two_over_pi,
-                               float decay_factor, float neg_lr) {
+                               float scale, int64_t len, const hyper8 *h, float divisor, float alpha) {
     float m[BLOCK];
     dequantize_block(q, qmap, scale, len, m);
+    const float grad_sign = h->grad_sign, w1 = h->w1, w1_minus_1 = h->w1_minus_1, w2 = h->w2;
+    const float w2_minus_1 = h->w2_minus_1, two_over_pi = h->two_over_pi, decay_factor = h->decay_factor;
+    const float neg_lr = h->neg_lr;
+    const int small1 = h->small1, small2 = h->small2;
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
         const float g = gr[i] * grad_sign;
@@ -164,139 +202,205 @@ static inline float block_step(float *p, const float *gr, uint8_t *q, const floa
     return quantize_block(m, lut, len, q);
 }
 
+/* One tensor's data as the kernel sees it. */
+typedef struct {
+    void *param;
+    const void *grad;
+    uint8_t *codes;
+    float *absmax;
+    const float *qmap;
+    const uint8_t *lut;
+    int64_t numel;
+    float divisor; /* 1 - beta1^t with bias correction, else 1 */
+} tensor8;
+
+#define CHUNK_BLOCKS 64
+#define CHUNK (CHUNK_BLOCKS * BLOCK)
+
+static int64_t chunks_of(int64_t numel) { return (numel + CHUNK - 1) / CHUNK; }
+
+/* The read pass of chunk c of a tensor, before its update: its sum of c_hat^2 (double across
+ * blocks) under "rms", and *finite = 0 if one of its gradients is NaN/inf. Under "fixed" only the
+ * finiteness scan. */
+static double prepass_chunk(const tensor8 *x, int64_t c, const hyper8 *h, int rms, int *finite) {
+    const int64_t n = x->numel, first = c * CHUNK_BLOCKS, blocks = (n + BLOCK - 1) / BLOCK;
+    const int64_t last = first + CHUNK_BLOCKS < blocks ? first + CHUNK_BLOCKS : blocks;
+    double sum = 0.0;
+    float nonfinite = 0.0f;
+    float g_wide[BLOCK];
+    for (int64_t b = first; b < last; ++b) {
+        const int64_t start = b * BLOCK, len = start + BLOCK < n ? BLOCK : n - start;
+        const float *gr = grad_block(h, x->grad, start, len, g_wide);
+        if (rms)
+            sum += (double)block_sumsq(gr, x->codes + start, x->qmap, x->absmax[b], len, h, x->divisor, &nonfinite);
+        else
+            nonfinite += block_finite_scan(gr, len);
+    }
+    *finite = nonfinite == 0.0f;
+    return sum;
+}
+
+/* The update of chunk c of a tensor with multiplier alpha_t. */
+static void update_chunk(const tensor8 *x, int64_t c, const hyper8 *h, float alpha_t) {
+    const int64_t n = x->numel, first = c * CHUNK_BLOCKS, blocks = (n + BLOCK - 1) / BLOCK;
+    const int64_t last = first + CHUNK_BLOCKS < blocks ? first + CHUNK_BLOCKS : blocks;
+    float p_wide[BLOCK], g_wide[BLOCK];
+    for (int64_t b = first; b < last; ++b) {
+        const int64_t start = b * BLOCK, len = start + BLOCK < n ? BLOCK : n - start;
+        const float *gr = grad_block(h, x->grad, start, len, g_wide);
+        float *p = (float *)x->param + start;
+        if (h->dtype == DTYPE_BF16) {
+            const uint16_t *ph = (const uint16_t *)x->param + start;
+#pragma omp simd
+            for (int64_t i = 0; i < len; ++i)
+                p_wide[i] = bf16_to_f32(ph[i]);
+            p = p_wide;
+        }
+        x->absmax[b] = block_step(p, gr, x->codes + start, x->qmap, x->lut, x->absmax[b], len, h, x->divisor, alpha_t);
+        if (h->dtype == DTYPE_BF16) {
+            uint16_t *ph = (uint16_t *)x->param + start;
+#pragma omp simd
+            for (int64_t i = 0; i < len; ++i)
+                ph[i] = f32_to_bf16(p_wide[i]);
+        }
+    }
+}
+
+/* alpha_t of a tensor from its chunk sums (added in chunk order, so independent of the thread
+ * count): alpha ("fixed") or alpha / max(RMS(c_hat), FLT_MIN) ("rms"), each intermediate rounded to
+ * float32 as torch computes it (norm, norm / sqrt(n), alpha / rms). */
+static float alpha_of(const double *sums, int64_t nc, int64_t numel, float alpha, int rms) {
+    if (!rms)
+        return alpha;
+    double sum = 0.0;
+    for (int64_t c = 0; c < nc; ++c)
+        sum += sums[c];
+    const float norm = (float)sqrt(sum);
+    float rms_value = norm / (float)sqrt((double)(numel > 0 ? numel : 1));
+    rms_value = rms_value > FLT_MIN ? rms_value : FLT_MIN;
+    return alpha / rms_value;
+}
+
 /* One RLion step on `count` tensors with 8-bit state, in one parallel region. Parameters and
  * gradients are all float32 (dtype 0) or all bfloat16 (dtype 1); arithmetic is float32.
  *
  * Per element:  m = qmap[code] * absmax;  c = lerp(m, g, 1 - beta1);  c /= bias_div[t] (if bias_correction)
  *               u = atan(c * alpha_t) * 2/pi;  p = p * decay (if apply_decay);  p = p + (-lr) * u
  *               m' = lerp(m, g, 1 - beta2), requantised per block.
- * alpha_t = alpha ("fixed") or alpha / max(RMS(c_hat), FLT_MIN) over tensor t ("rms"), with each
- * intermediate rounded to float32 as torch computes it (norm, norm / sqrt(n), alpha / rms); the
- * sum of squares is accumulated per chunk in float and across chunks in double, in chunk order
- * (the result does not depend on the number of threads).
+ * alpha_t: see alpha_of.
  *
- * Work is split into chunks of CHUNK_BLOCKS blocks handed out dynamically, so a thread that the
- * OS deschedules on a busy machine does not hold the others up. Temporaries: 256 floats per
- * thread, plus per-call arrays of chunk descriptors and partial sums (24 bytes per 16384
- * elements). Returns 0, or -1 if those arrays cannot be allocated (nothing is modified then). */
-#define CHUNK_BLOCKS 64
-
+ * Non-finite gradients: each tensor gets a read pass right before its update (the sum of squares
+ * under "rms", a scan of g * 0 under "fixed"), chunk by chunk; a tensor with any NaN/inf gradient
+ * is left untouched (parameter, codes, absmax) and skipped[t] = 1, else skipped[t] = 0. That pass
+ * is what makes the update's second read of g (and the codes) come from cache, instead of a
+ * separate pass over every gradient before the step.
+ *
+ * Work split, as in the fp32 kernel (_rlion_kernel.c): tensors below split_numel are each done by
+ * one thread from start to end (read pass forwards, update backwards so that what the read pass
+ * touched last is still in cache), handed out dynamically with no barrier at all (on a busy machine
+ * a barrier can cost milliseconds); larger tensors are split into chunks of CHUNK elements across
+ * the threads, with one barrier between their two passes.
+ *
+ * Temporaries: a few 256-float buffers per thread, plus per-call tables (9 bytes per CHUNK elements
+ * and 64 bytes per tensor). Returns 0, or -1 if those cannot be allocated (nothing is modified then). */
 int rlion8bit_step_many(int64_t count, int dtype, void *const *params, const void *const *grads, uint8_t *const *codes,
-                            float *const *absmaxes, const float *const *qmaps, const uint8_t *const *luts,
-                            const int64_t *numels, const float *bias_divs, float w1, float w2, int bias_correction,
-                            float alpha, int rms_scaling, float two_over_pi, float decay, int apply_decay,
-                            float neg_lr, int maximize, int threads) {
+                        float *const *absmaxes, const float *const *qmaps, const uint8_t *const *luts,
+                        const int64_t *numels, const float *bias_divs, float w1, float w2, int bias_correction,
+                        float alpha, int rms_scaling, float two_over_pi, float decay, int apply_decay, float neg_lr,
+                        int maximize, int threads, int64_t split_numel, int32_t *skipped) {
     int64_t chunks = 0;
-    for (int64_t t = 0; t < count; ++t)
-        chunks += ((numels[t] + BLOCK - 1) / BLOCK + CHUNK_BLOCKS - 1) / CHUNK_BLOCKS;
+    for (int64_t t = 0; t < count; ++t) {
+        skipped[t] = 0;
+        chunks += chunks_of(numels[t]);
+    }
     if (chunks == 0)
         return 0;
-    int64_t *chunk_tensor = malloc(sizeof(int64_t) * chunks);
-    int64_t *chunk_block = malloc(sizeof(int64_t) * chunks);
-    double *chunk_sumsq = malloc(sizeof(double) * chunks);
-    float *alphas = malloc(sizeof(float) * count);
-    if (!chunk_tensor || !chunk_block || !chunk_sumsq || !alphas) {
-        free(chunk_tensor);
-        free(chunk_block);
-        free(chunk_sumsq);
-        free(alphas);
+    tensor8 *tensors = malloc(sizeof(tensor8) * (size_t)count);
+    int64_t *chunk_offset = malloc(sizeof(int64_t) * (size_t)count);
+    double *chunk_sums = malloc(sizeof(double) * (size_t)chunks);
+    uint8_t *chunk_finite = malloc((size_t)chunks);
+    if (!tensors || !chunk_offset || !chunk_sums || !chunk_finite) {
+        free(tensors);
+        free(chunk_offset);
+        free(chunk_sums);
+        free(chunk_finite);
         return -1;
     }
-    int64_t k = 0;
+    int64_t offset = 0;
     for (int64_t t = 0; t < count; ++t) {
-        const int64_t blocks = (numels[t] + BLOCK - 1) / BLOCK;
-        for (int64_t b = 0; b < blocks; b += CHUNK_BLOCKS) {
-            chunk_tensor[k] = t;
-            chunk_block[k] = b;
-            ++k;
-        }
+        tensors[t] = (tensor8){params[t], grads[t], codes[t], absmaxes[t], qmaps[t], luts[t], numels[t],
+                               bias_correction ? bias_divs[t] : 1.0f};
+        chunk_offset[t] = offset;
+        offset += chunks_of(numels[t]);
     }
-    const float grad_sign = maximize ? -1.0f : 1.0f;
-    const float decay_factor = apply_decay ? decay : 1.0f;
-    const int small1 = fabsf(w1) < 0.5f, small2 = fabsf(w2) < 0.5f;
-    const float w1_minus_1 = w1 - 1.0f, w2_minus_1 = w2 - 1.0f;
+    hyper8 h;
+    h.dtype = dtype;
+    h.grad_sign = maximize ? -1.0f : 1.0f;
+    h.small1 = fabsf(w1) < 0.5f;
+    h.small2 = fabsf(w2) < 0.5f;
+    h.w1 = w1;
+    h.w1_minus_1 = w1 - 1.0f;
+    h.w2 = w2;
+    h.w2_minus_1 = w2 - 1.0f;
+    h.two_over_pi = two_over_pi;
+    h.decay_factor = apply_decay ? decay : 1.0f;
+    h.neg_lr = neg_lr;
+    if (threads < 1)
+        threads = 1;
 
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        if (rms_scaling) {
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t c = 0; c < chunks; ++c) {
-                const int64_t t = chunk_tensor[c], n = numels[t];
-                const float divisor = bias_correction ? bias_divs[t] : 1.0f;
-                const int64_t last = chunk_block[c] + CHUNK_BLOCKS < (n + BLOCK - 1) / BLOCK
-                                         ? chunk_block[c] + CHUNK_BLOCKS
-                                         : (n + BLOCK - 1) / BLOCK;
-                double sum = 0.0;
-                for (int64_t b = chunk_block[c]; b < last; ++b) {
-                    const int64_t start = b * BLOCK;
-                    const int64_t len = start + BLOCK < n ? BLOCK : n - start;
-                    const float *gr = (const float *)grads[t] + start;
-                    float g_wide[BLOCK];
-                    if (dtype == DTYPE_BF16) {
-                        const uint16_t *gh = (const uint16_t *)grads[t] + start;
-                        for (int64_t i = 0; i < len; ++i)
-                            g_wide[i] = bf16_to_f32(gh[i]);
-                        gr = g_wide;
-                    }
-                    sum += (double)block_sumsq(gr, codes[t] + start, qmaps[t], absmaxes[t][b], len, grad_sign, small1,
-                                               w1, w1_minus_1, divisor);
-                }
-                chunk_sumsq[c] = sum;
+        /* tensors below split_numel: one thread each, no synchronisation */
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int64_t t = 0; t < count; ++t) {
+            const tensor8 *x = &tensors[t];
+            if (x->numel >= split_numel || x->numel == 0)
+                continue;
+            const int64_t nc = chunks_of(x->numel);
+            double *sums = chunk_sums + chunk_offset[t];
+            int finite = 1;
+            for (int64_t c = 0; c < nc && finite; ++c)
+                sums[c] = prepass_chunk(x, c, &h, rms_scaling, &finite);
+            if (!finite) {
+                skipped[t] = 1;
+                continue;
             }
-#pragma omp single
-            {
-                int64_t c = 0;
-                for (int64_t t = 0; t < count; ++t) {
-                    double sum = 0.0;
-                    for (; c < chunks && chunk_tensor[c] == t; ++c)
-                        sum += chunk_sumsq[c];
-                    const float norm = (float)sqrt(sum);
-                    float rms = norm / (float)sqrt((double)(numels[t] > 0 ? numels[t] : 1));
-                    rms = rms > FLT_MIN ? rms : FLT_MIN;
-                    alphas[t] = alpha / rms;
-                }
-            }
-        } else {
-#pragma omp single
-            for (int64_t t = 0; t < count; ++t)
-                alphas[t] = alpha;
+            const float alpha_t = alpha_of(sums, nc, x->numel, alpha, rms_scaling);
+            for (int64_t c = nc - 1; c >= 0; --c)
+                update_chunk(x, c, &h, alpha_t);
         }
+        /* larger tensors: both passes split across the threads */
+        for (int64_t t = 0; t < count; ++t) {
+            const tensor8 *x = &tensors[t];
+            if (x->numel < split_numel || x->numel == 0)
+                continue;
+            const int64_t nc = chunks_of(x->numel);
+            double *sums = chunk_sums + chunk_offset[t];
+            uint8_t *finite_flags = chunk_finite + chunk_offset[t];
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t c = 0; c < chunks; ++c) {
-            const int64_t t = chunk_tensor[c], n = numels[t];
-            const float divisor = bias_correction ? bias_divs[t] : 1.0f;
-            const int64_t blocks = (n + BLOCK - 1) / BLOCK;
-            const int64_t last = chunk_block[c] + CHUNK_BLOCKS < blocks ? chunk_block[c] + CHUNK_BLOCKS : blocks;
-            for (int64_t b = chunk_block[c]; b < last; ++b) {
-                const int64_t start = b * BLOCK;
-                const int64_t len = start + BLOCK < n ? BLOCK : n - start;
-                float *p = (float *)params[t] + start;
-                const float *gr = (const float *)grads[t] + start;
-                float p_wide[BLOCK], g_wide[BLOCK];
-                if (dtype == DTYPE_BF16) {
-                    const uint16_t *ph = (const uint16_t *)params[t] + start, *gh = (const uint16_t *)grads[t] + start;
-                    for (int64_t i = 0; i < len; ++i) {
-                        p_wide[i] = bf16_to_f32(ph[i]);
-                        g_wide[i] = bf16_to_f32(gh[i]);
-                    }
-                    p = p_wide;
-                    gr = g_wide;
-                }
-                absmaxes[t][b] = block_step(p, gr, codes[t] + start, qmaps[t], luts[t], absmaxes[t][b], len, grad_sign,
-                                            small1, w1, w1_minus_1, small2, w2, w2_minus_1, divisor, alphas[t],
-                                            two_over_pi, decay_factor, neg_lr);
-                if (dtype == DTYPE_BF16) {
-                    uint16_t *ph = (uint16_t *)params[t] + start;
-                    for (int64_t i = 0; i < len; ++i)
-                        ph[i] = f32_to_bf16(p_wide[i]);
-                }
+            for (int64_t c = 0; c < nc; ++c) {
+                int finite;
+                sums[c] = prepass_chunk(x, c, &h, rms_scaling, &finite);
+                finite_flags[c] = (uint8_t)finite;
             }
+            int finite = 1;
+            for (int64_t c = 0; c < nc; ++c)
+                finite &= finite_flags[c];
+            if (!finite) { /* every thread reads the same flags: all skip */
+#pragma omp single nowait
+                skipped[t] = 1;
+                continue;
+            }
+            const float alpha_t = alpha_of(sums, nc, x->numel, alpha, rms_scaling);
+#pragma omp for schedule(dynamic, 1) nowait
+            for (int64_t j = 0; j < nc; ++j)
+                update_chunk(x, nc - 1 - j, &h, alpha_t);
         }
     }
-    free(chunk_tensor);
-    free(chunk_block);
-    free(chunk_sumsq);
-    free(alphas);
+    free(tensors);
+    free(chunk_offset);
+    free(chunk_sums);
+    free(chunk_finite);
     return 0;
 }
 

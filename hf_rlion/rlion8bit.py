@@ -69,6 +69,11 @@ _PAGED_MIN_NUMEL = 100_000
 _OPTIM_BITS = (8, 32)
 #: Below this many elements in one call the kernel runs on one thread (waking a thread team costs more).
 _PARALLEL_MIN_NUMEL = 1 << 16
+#: A tensor with fewer elements than this is checked, reduced and updated by one thread (no
+#: synchronisation; its second read mostly hits that core's cache); larger ones are split across
+#: threads. Raised to a quarter of each thread's share of the call so the per-thread tensors balance
+#: (the fp32 kernel's rule, ``hf_rlion.fused_cpu``).
+_SPLIT_MIN_NUMEL = 1 << 20
 #: Parameter dtypes the C kernel takes (the code it expects); float16 uses the reference path.
 _KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _TWO_OVER_PI = 2.0 / math.pi
@@ -126,7 +131,7 @@ def _load_kernel() -> Optional[ctypes.CDLL]:
         if library is not None:
             p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
             library.rlion8bit_step_many.argtypes = [i64, i32, p, p, p, p, p, p, p, p, f32, f32, i32]
-            library.rlion8bit_step_many.argtypes += [f32, i32, f32, f32, i32, f32, i32, i32]
+            library.rlion8bit_step_many.argtypes += [f32, i32, f32, f32, i32, f32, i32, i32, i64, p]
             library.rlion8bit_step_many.restype = ctypes.c_int
             library.rlion8bit_atan_f32.argtypes = [p, p, i64]
             library.rlion8bit_atan_f32.restype = None
@@ -191,29 +196,37 @@ def fused_update_many_(
     alpha_scaling: str,
     bias_correction: bool,
     maximize: bool,
-) -> None:
+) -> list[int]:
     """The step of :func:`rlion8bit_reference_update_` on many CPU tensors, by the C kernel.
 
     All parameters share one dtype (float32 or bfloat16) and their gradients have it too.
 
-    One call, one parallel region for all tensors (work handed out in chunks of 16384 elements).
-    The per-tensor α of ``alpha_scaling="rms"`` is computed as :func:`hf_rlion.rlion._effective_alpha`
-    computes it (each intermediate rounded to float32), from a first pass that sums ĉ².
+    One call, one parallel region for all tensors. Each tensor gets a read pass right before its
+    update: under ``alpha_scaling="rms"`` it sums ĉ² (the per-tensor α is then computed as
+    :func:`hf_rlion.rlion._effective_alpha` computes it, each intermediate rounded to float32),
+    under ``"fixed"`` it only scans g. That pass also applies the non-finite policy: a tensor whose
+    gradient holds NaN/inf is left untouched (parameter, codes, absmax). Returns the indices of
+    those tensors (the caller undoes their step count and counts them). Tensors below
+    ``max(2^20, total / (4 · threads))`` elements are done by one thread each, larger ones split.
     """
     grads = [g.contiguous() for g in grads]
     luts = [quantize_lut(q) for q in qmaps]
     qmaps = [q.contiguous() for q in qmaps]
     numels = [p.numel() for p in params]
-    threads = max(torch.get_num_threads(), 1) if sum(numels) >= _PARALLEL_MIN_NUMEL else 1
+    total = sum(numels)
+    threads = max(torch.get_num_threads(), 1) if total >= _PARALLEL_MIN_NUMEL else 1
+    split_numel = max(_SPLIT_MIN_NUMEL, total // (4 * threads)) if threads > 1 else 1 << 62
+    skipped = (ctypes.c_int32 * len(params))()
     status = library.rlion8bit_step_many(
         len(params), _KERNEL_DTYPES[params[0].dtype], _pointer_array(params), _pointer_array(grads), _pointer_array(codes),
         _pointer_array(absmaxes), _pointer_array(qmaps), _pointer_array(luts),
         (ctypes.c_int64 * len(params))(*numels), (ctypes.c_float * len(params))(*[1.0 - beta1**s for s in steps]),
         1.0 - beta1, 1.0 - beta2, int(bias_correction), alpha, int(alpha_scaling == "rms"), _TWO_OVER_PI,
-        1.0 - lr * weight_decay, int(weight_decay != 0.0), -lr, int(maximize), threads,
+        1.0 - lr * weight_decay, int(weight_decay != 0.0), -lr, int(maximize), threads, split_numel, skipped,
     )  # fmt: skip
     if status != 0:
         raise MemoryError("RLion8bit: the 8-bit kernel could not allocate its chunk table")
+    return [i for i, flag in enumerate(skipped) if flag]
 
 
 def fast_atan(x: Tensor) -> Tensor:
@@ -464,7 +477,11 @@ class RLion8bit(RLionBase):
             batches: dict[tuple, tuple[list, list, list, list]] = defaultdict(lambda: ([], [], [], []))
             # 8-bit tensors for the C kernel, batched the same way (one kernel call per batch).
             kernel_batches: dict[tuple, list] = defaultdict(list)
-            for p in self._skip_nonfinite(list(self._params_with_grad(group))):
+            # The C kernel applies the non-finite policy itself, tensor by tensor, on the read pass
+            # right before each update (the gradient is then in cache); every other tensor is checked
+            # here first, in one separate pass.
+            kernel_items, checked_here = [], []
+            for p in self._params_with_grad(group):
                 state = self.state[p]
                 if id(p) not in self._overrides:
                     self._overrides[id(p)] = self._resolve_overrides(p, group_index, positions[id(p)])
@@ -472,28 +489,38 @@ class RLion8bit(RLionBase):
                 if len(state) == 0:
                     self._init_state(p, state, group, overrides)
                 hyperparameters = self._hyperparameters(group, overrides)
+                library = self._use_kernel(group, p, p.grad, state) if "state1" in state else None
+                (kernel_items if library is not None else checked_here).append((p, hyperparameters))
+            finite = {id(p) for p in self._skip_nonfinite([p for p, _ in checked_here])}
+            for p, hyperparameters in checked_here:
+                state = self.state[p]
+                if id(p) not in finite:
+                    if state["step"].item() == 0:  # never stepped: no state, as if it had not been seen
+                        del self.state[p]
+                    continue
+                state["step"] += 1
                 if "state1" not in state:
-                    state["step"] += 1
                     params, grads, exp_avgs, steps = batches[tuple(sorted(hyperparameters.items()))]
                     params.append(p)
                     grads.append(p.grad)
                     exp_avgs.append(state["exp_avg"])
                     steps.append(int(state["step"].item()))
                     continue
-                library = self._use_kernel(group, p, p.grad, state)  # may raise: before counting the step
-                state["step"] += 1
-                step = int(state["step"].item())
                 if getattr(state["state1"], "is_paged", False):
                     any_paged = True
                     bnb_functional.prefetch_tensor(state["state1"])
-                if library is not None:
-                    kernel_batches[(p.dtype, tuple(sorted(hyperparameters.items())))].append((p, state, step))
-                else:
-                    rlion8bit_reference_update_(
-                        p, p.grad, state["state1"], state["absmax1"], state["qmap1"], step, **hyperparameters
-                    )
+                rlion8bit_reference_update_(
+                    p, p.grad, state["state1"], state["absmax1"], state["qmap1"], int(state["step"].item()),
+                    **hyperparameters,
+                )
+            for p, hyperparameters in kernel_items:
+                state = self.state[p]
+                state["step"] += 1
+                kernel_batches[(p.dtype, tuple(sorted(hyperparameters.items())))].append(
+                    (p, state, int(state["step"].item()))
+                )
             for (_, key), items in kernel_batches.items():
-                fused_update_many_(
+                skipped = fused_update_many_(
                     _load_kernel(),
                     [p for p, _, _ in items],
                     [p.grad for p, _, _ in items],
@@ -503,6 +530,12 @@ class RLion8bit(RLionBase):
                     [step for _, _, step in items],
                     **dict(key),
                 )
+                for i in skipped:  # not updated: the step count goes back, fresh state goes away
+                    p, state, _ = items[i]
+                    state["step"] -= 1
+                    if state["step"].item() == 0:
+                        del self.state[p]
+                self._record_nonfinite([items[i][0] for i in skipped])
             for key, (params, grads, exp_avgs, steps) in batches.items():
                 hyperparameters = dict(key)
                 # RLion's own choice of implementation (fused CPU kernel / foreach / per tensor).

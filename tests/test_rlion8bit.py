@@ -336,6 +336,46 @@ def test_nonfinite_gradient_leaves_param_and_8bit_state_unchanged():
         assert torch.equal(opt.state[p][key], value), key
 
 
+@needs_kernel
+@pytest.mark.parametrize("alpha_scaling", ["rms", "fixed"])
+@pytest.mark.parametrize("bad_value", [math.nan, math.inf, -math.inf])
+def test_kernel_checks_each_tensor_itself_like_the_reference(alpha_scaling, bad_value):
+    """The kernel applies the non-finite policy on its own read pass: poisoned tensors (one small, done
+    by one thread; one above the split size, shared by the threads) keep parameter and state (fresh
+    state is dropped, as if never stepped), the others step exactly as on the reference path."""
+    torch.manual_seed(0)
+    shapes = [(5000,), (1_100_000,), (64, 64), (1_050_000,)]  # two split across threads when threads > 1
+    start = [torch.randn(s) for s in shapes]
+    grads = [torch.randn(s) * 1e-3 for s in shapes]
+    runs = {}
+    for fused in (True, False):
+        params = [nn.Parameter(t.clone()) for t in start]
+        opt = RLion8bit(params, lr=1e-2, weight_decay=0.1, alpha_scaling=alpha_scaling, fused=fused)
+        for step in range(3):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            poisoned = (1, 2, 0) if step == 2 else (1, 2)  # 1, 2: never stepped; 0: poisoned once it has state
+            for i in poisoned:
+                params[i].grad.view(-1)[params[i].numel() // 2] = bad_value
+            before = {k: v.clone() for k, v in opt.state[params[0]].items()}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                opt.step()
+        runs[fused] = (params, opt, before)
+    (fused_params, fused_opt, fused_before), (ref_params, ref_opt, _) = runs[True], runs[False]
+    assert fused_opt.nonfinite_skips == ref_opt.nonfinite_skips == 7
+    for i, (a, b, s) in enumerate(zip(fused_params, ref_params, start)):
+        if i in (1, 2):
+            assert torch.equal(a.detach(), s) and a not in fused_opt.state
+            continue
+        state, ref_state = fused_opt.state[a], ref_opt.state[b]
+        assert torch.equal(state["state1"], ref_state["state1"]) and torch.equal(state["absmax1"], ref_state["absmax1"])
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=1e-6)
+    for key, value in fused_before.items():  # tensor 0, poisoned at the last step: state unchanged
+        assert torch.equal(fused_opt.state[fused_params[0]][key], value), key
+    assert fused_opt.state[fused_params[0]]["step"] == 2 and fused_opt.state[fused_params[3]]["step"] == 3
+
+
 def test_fsdp_dtensor_parameters_are_refused(tmp_path):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
