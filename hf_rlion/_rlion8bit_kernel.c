@@ -28,6 +28,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #define BLOCK 256
 
@@ -72,14 +75,39 @@ static inline float fast_atanf(float a) {
 }
 
 /* The kernel's loops are written so that GCC vectorises them (omp simd, loop-invariant choices
- * hoisted into multiplications that are exact: g * (+-1), c / 1, p * 1). The two table lookups
- * (qmap[code], lut[index]) stay scalar loads: AVX-512 gathers written with intrinsics were measured
- * slower (qmap, -10 %) or no faster (lut) on the Zen 4 this was tuned on. */
+ * hoisted into multiplications that are exact: g * (+-1), c / 1, p * 1). The two table lookups are
+ * the exception: qmap[code] uses register permutes under AVX-512 (below), lut[index] stays scalar
+ * byte loads. Measured on Zen 4 and dropped: hardware gathers for either table (slower or no
+ * faster), and a vpermb lookup of lut by 256-entry buckets (the buckets near v = 0 hold up to 24
+ * codes; the fallback for them costs more than the scalar loads it saves). */
 
-/* momentum of one block, dequantised: m[i] = qmap[code[i]] * absmax */
+/* momentum of one block, dequantised: m[i] = qmap[code[i]] * absmax. With AVX-512 the 256-entry
+ * qmap sits in 16 registers and 16 codes are looked up by 8 two-table permutes (code bits 0-4)
+ * and 7 blends (bits 5, 6, 7): 3-5 % faster steps than the compiler's scalar loads (a hardware
+ * gather was 10 % slower) on Zen 4. Same values either way. */
 static inline void dequantize_block(const uint8_t *q, const float *qmap, float scale, int64_t len, float *m) {
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i)
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    __m512 table[16];
+    for (int k = 0; k < 16; ++k)
+        table[k] = _mm512_loadu_ps(qmap + 16 * k);
+    const __m512 s = _mm512_set1_ps(scale);
+    for (; i + 16 <= len; i += 16) {
+        const __m512i code = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + i)));
+        __m512 r[8];
+        for (int k = 0; k < 8; ++k)
+            r[k] = _mm512_permutex2var_ps(table[2 * k], code, table[2 * k + 1]);
+        const __mmask16 b5 = _mm512_test_epi32_mask(code, _mm512_set1_epi32(32));
+        const __mmask16 b6 = _mm512_test_epi32_mask(code, _mm512_set1_epi32(64));
+        const __mmask16 b7 = _mm512_test_epi32_mask(code, _mm512_set1_epi32(128));
+        for (int k = 0; k < 4; ++k)
+            r[k] = _mm512_mask_blend_ps(b5, r[2 * k], r[2 * k + 1]);
+        for (int k = 0; k < 2; ++k)
+            r[k] = _mm512_mask_blend_ps(b6, r[2 * k], r[2 * k + 1]);
+        _mm512_storeu_ps(m + i, _mm512_mul_ps(_mm512_mask_blend_ps(b7, r[0], r[1]), s));
+    }
+#endif
+    for (; i < len; ++i)
         m[i] = qmap[(int32_t)q[i]] * scale;
 }
 
