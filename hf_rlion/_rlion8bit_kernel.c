@@ -21,7 +21,7 @@
  * the "rms" scaling is accumulated (float per chunk and double across chunks here, float32 in
  * torch).
  *
- * Memory: no tensor-sized temporaries (see rlion8bit_step_many_f32).
+ * Memory: no tensor-sized temporaries (see rlion8bit_step_many).
  */
 #include <float.h>
 #include <math.h>
