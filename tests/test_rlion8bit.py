@@ -581,14 +581,18 @@ def test_ddp_two_cpu_ranks_keep_identical_8bit_state(tmp_path):
     and match a one-process run on the whole batch up to the rounding of DDP's gradient average."""
     import json
     import os
+    import socket
     import subprocess
 
     script, result = tmp_path / "ddp.py", tmp_path / "result.json"
     script.write_text(_DDP_SCRIPT)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    with socket.socket() as probe:  # a free port: accelerate's default 29500 may be another job's right now
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(script), str(result)]  # fmt: skip
+               "--main_process_port", str(port), str(script), str(result)]  # fmt: skip
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     outcome = json.loads(result.read_text())
