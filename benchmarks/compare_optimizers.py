@@ -235,17 +235,20 @@ def _textures_data(patch: int = 16, train_per_class: int = 500, test_per_class: 
 RECIPE_PATH = Path(__file__).resolve().parents[1] / "recipes" / "image_classification.py"
 
 
-def _load_classification_recipe():
-    """``recipes/image_classification.py`` as a module (the recipes folder is not a package)."""
+def _load_recipe(path: Path, name: str):
+    """A recipe script as a module (the recipes folder is not a package), loaded once."""
     import importlib.util
 
-    name = "image_classification_recipe"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, RECIPE_PATH)
+        spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def _load_classification_recipe():
+    return _load_recipe(RECIPE_PATH, "image_classification_recipe")
 
 
 def _recipe_digits_data() -> TaskData:
@@ -289,16 +292,7 @@ CALTECH_MODEL_ARGS = (
 
 
 def _load_detection_recipe():
-    """``recipes/vit_detection_caltech101.py`` as a module."""
-    import importlib.util
-
-    name = "vit_detection_caltech101_recipe"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, DETECTION_RECIPE_PATH)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return _load_recipe(DETECTION_RECIPE_PATH, "vit_detection_caltech101_recipe")
 
 
 def _recipe_caltech_data() -> TaskData:
