@@ -97,6 +97,16 @@ class RLionBase(torch.optim.Optimizer):
         self._record_nonfinite([p for p, ok in zip(params, mask) if not ok])
         return [p for p, ok in zip(params, mask) if ok]
 
+    def _undo_kernel_skips(self, skipped: list[Tensor]) -> None:
+        """For tensors a kernel left untouched (NaN/inf gradient) after ``step()`` counted them:
+        their step count goes back, state created this step goes away, and the skip is recorded."""
+        for param in skipped:
+            state = self.state[param]
+            state["step"] -= 1
+            if state["step"].item() == 0:
+                del self.state[param]
+        self._record_nonfinite(skipped)
+
     def _record_nonfinite(self, skipped: list[Tensor]) -> None:
         """Count tensors skipped for NaN/inf gradients; warn the first time (see ``_skip_nonfinite``)."""
         if not skipped:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from . import native
+from .native import pointer_array
 
 __all__ = ["is_supported", "check_supported", "fused_rlion", "atan", "finite_mask", "kernel_available"]
 
@@ -104,8 +105,13 @@ def _unsupported_reason(params: list[Tensor]) -> Optional[str]:
 
 
 def is_supported(params: list[Tensor]) -> bool:
-    """Whether :func:`fused_rlion` can run on these parameters (CPU; float32/bfloat16/float16; kernel built)."""
-    return _unsupported_reason(params) is None
+    """Whether RLion should pick :func:`fused_rlion` by itself for these parameters.
+
+    CPU, float32/bfloat16/float16, kernel built, and plain tensors only: tensor subclasses
+    (FSDP2's DTensor shards) stay on torch's dispatch, where the per-tensor RMS is a global
+    reduction over all shards. (``fused=True`` asks only :func:`check_supported`.)
+    """
+    return _unsupported_reason(params) is None and all(type(p.data) is Tensor for p in params)
 
 
 def check_supported(params: list[Tensor]) -> None:
@@ -135,10 +141,6 @@ def _rms_split_numel(numels: list[int], threads: int) -> int:
     if threads <= 1:
         return 1 << 62  # one thread: never split, never synchronise
     return max(RMS_SPLIT_MIN_NUMEL, sum(numels) // (4 * threads))
-
-
-def _pointer_array(tensors: list[Tensor]):
-    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
 
 
 def fused_rlion(
@@ -214,9 +216,9 @@ def fused_rlion(
     skipped_flags = (ctypes.c_int32 * n)()
     status = lib.rlion_step(
         n,
-        _pointer_array(ps),
-        _pointer_array([grads[i] for i in kernel]),
-        _pointer_array([exp_avgs[i] for i in kernel]),
+        pointer_array(ps),
+        pointer_array([grads[i] for i in kernel]),
+        pointer_array([exp_avgs[i] for i in kernel]),
         numels,
         dtypes,
         inv_bias_correction,
@@ -284,7 +286,7 @@ def finite_mask(grads: list[Tensor]) -> list[bool]:
         ok = (ctypes.c_uint8 * n)()
         lib.rlion_finite_mask(
             n,
-            _pointer_array([grads[i] for i in fast]),
+            pointer_array([grads[i] for i in fast]),
             (ctypes.c_int64 * n)(*[grads[i].numel() for i in fast]),
             (ctypes.c_int32 * n)(*[_DTYPE_CODES[grads[i].dtype] for i in fast]),
             ok,

@@ -105,3 +105,8 @@ def load(source_name: str) -> Optional[ctypes.CDLL]:
             warnings.warn(f"hf_rlion: CPU kernel {source_name} unavailable ({reason}); using the torch path")
         _loaded[source_name] = library
         return library
+
+
+def pointer_array(tensors) -> ctypes.Array:
+    """A C array of the tensors' data pointers (``void **``), for passing tensor lists to a kernel."""
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])

@@ -244,9 +244,7 @@ class RLion(RLionBase):
         if fused is None and foreach is None:
             from . import fused_cpu
 
-            # Tensor subclasses (FSDP2's DTensor shards) need torch's dispatch: the per-tensor
-            # RMS is then a global reduction over all shards. Only plain tensors go native.
-            if all(type(p.data) is Tensor for p in params) and fused_cpu.is_supported(params):
+            if fused_cpu.is_supported(params):
                 return fused_cpu.fused_rlion
             foreach = any(p.device.type != "cpu" for p in params)
         return _foreach_rlion if foreach else _single_tensor_rlion
@@ -297,12 +295,7 @@ class RLion(RLionBase):
             )
             if checks_itself:
                 skipped = implementation(params, grads, exp_avgs, steps, check_finite=True, **hyperparameters)
-                for i in skipped:  # not updated: the step count goes back, fresh state goes away
-                    state = self.state[params[i]]
-                    state["step"] -= 1
-                    if state["step"].item() == 0:
-                        del self.state[params[i]]
-                self._record_nonfinite([params[i] for i in skipped])
+                self._undo_kernel_skips([params[i] for i in skipped])
             else:
                 implementation(params, grads, exp_avgs, steps, **hyperparameters)
         return loss

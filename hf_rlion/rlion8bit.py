@@ -57,6 +57,7 @@ except ImportError as _err:  # pragma: no cover - exercised in an environment wi
     ) from _err
 
 from . import native
+from .native import pointer_array
 from ._optimizer_base import RLionBase, low_precision_dtypes, validate_hyperparameters
 from .rlion import RLion, rlion_update_
 
@@ -175,10 +176,6 @@ def _kernel_unsupported_reason(param: Tensor, grad: Tensor, codes: Tensor, qmap:
     return ""
 
 
-def _pointer_array(tensors: list[Tensor]) -> ctypes.Array:
-    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
-
-
 def fused_update_many_(
     library: ctypes.CDLL,
     params: list[Tensor],
@@ -218,8 +215,8 @@ def fused_update_many_(
     split_numel = max(_SPLIT_MIN_NUMEL, total // (4 * threads)) if threads > 1 else 1 << 62
     skipped = (ctypes.c_int32 * len(params))()
     status = library.rlion8bit_step_many(
-        len(params), _KERNEL_DTYPES[params[0].dtype], _pointer_array(params), _pointer_array(grads), _pointer_array(codes),
-        _pointer_array(absmaxes), _pointer_array(qmaps), _pointer_array(luts),
+        len(params), _KERNEL_DTYPES[params[0].dtype], pointer_array(params), pointer_array(grads), pointer_array(codes),
+        pointer_array(absmaxes), pointer_array(qmaps), pointer_array(luts),
         (ctypes.c_int64 * len(params))(*numels), (ctypes.c_float * len(params))(*[1.0 - beta1**s for s in steps]),
         1.0 - beta1, 1.0 - beta2, int(bias_correction), alpha, int(alpha_scaling == "rms"), _TWO_OVER_PI,
         1.0 - lr * weight_decay, int(weight_decay != 0.0), -lr, int(maximize), threads, split_numel, skipped,
@@ -530,12 +527,7 @@ class RLion8bit(RLionBase):
                     [step for _, _, step in items],
                     **dict(key),
                 )
-                for i in skipped:  # not updated: the step count goes back, fresh state goes away
-                    p, state, _ = items[i]
-                    state["step"] -= 1
-                    if state["step"].item() == 0:
-                        del self.state[p]
-                self._record_nonfinite([items[i][0] for i in skipped])
+                self._undo_kernel_skips([items[i][0] for i in skipped])
             for key, (params, grads, exp_avgs, steps) in batches.items():
                 hyperparameters = dict(key)
                 # RLion's own choice of implementation (fused CPU kernel / foreach / per tensor).
