@@ -23,7 +23,6 @@ import textwrap
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard

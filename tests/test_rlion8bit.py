@@ -473,7 +473,7 @@ def _char_lm_data():
 
 
 def test_trainer_checkpoint_and_resume_with_optim_rlion_8bit_is_bit_identical(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
     rows, vocab_size = _char_lm_data()
