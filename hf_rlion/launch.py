@@ -5,7 +5,9 @@
 
 The script runs as ``__main__`` with ``sys.argv = [SCRIPT.py, ARGS...]``, exactly as
 ``python SCRIPT.py ARGS...`` would run it, except that ``--optim rlion`` (and ``rlion_8bit``,
-``paged_rlion_8bit``) are valid choices of transformers' ``HfArgumentParser``.
+``paged_rlion_8bit``) are valid choices of transformers' ``HfArgumentParser``. When the script
+returns normally in a multi-process run, each rank waits for the others and exits with
+:func:`hf_rlion.distributed_exit.exit_distributed_run`, so no rank aborts at interpreter exit.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [script] + argv[1:]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     runpy.run_path(script, run_name="__main__")
+    from hf_rlion.distributed_exit import exit_distributed_run
+
+    exit_distributed_run()
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import hf_rlion  # noqa: F401  (registers --optim rlion, rlion_8bit, paged_rlion_8bit with transformers)
+from hf_rlion.distributed_exit import exit_distributed_run
 
 import datasets
 import evaluate
@@ -1109,3 +1110,6 @@ def push_model(trainer: Trainer, model_args, data_args, eval_metrics, token, arg
 
 if __name__ == "__main__":
     main()
+    # In a multi-process run: barrier, then os._exit, so that a rank cannot abort at interpreter
+    # exit after everything is saved (a PyTorch race, see hf_rlion.distributed_exit).
+    exit_distributed_run()

@@ -73,6 +73,7 @@ import torch
 from PIL import Image as PILImage
 
 import hf_rlion
+from hf_rlion.distributed_exit import exit_distributed_run
 from hf_rlion.registry import OPTIMIZERS, parse_optim_args
 
 # ----------------------------------------------------------------------------------------
@@ -879,7 +880,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         if args.push_to_hub:
             push(args, output_dir, test_metrics, results, categories, unwrapped.config)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return {"eval": test_metrics, "all": results}
 
 
@@ -940,3 +940,7 @@ def push(args, output_dir: Path, test_metrics: dict, results: dict, categories: 
 
 if __name__ == "__main__":
     main()
+    # In a multi-process run: barrier, then os._exit, so that a rank cannot abort at interpreter
+    # exit after everything is saved (a PyTorch race, see hf_rlion.distributed_exit). It replaces
+    # accelerator.end_training(), whose destroy_process_group leaves gloo's threads running.
+    exit_distributed_run()

@@ -536,6 +536,7 @@ import torch, torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from sklearn.datasets import load_digits
+from hf_rlion.distributed_exit import exit_distributed_run
 from hf_rlion.rlion8bit import RLion8bit
 
 def model_and_optimizer():
@@ -571,7 +572,7 @@ if rank == 0:
         "eight_bit": codes.dtype == torch.uint8,
         "max_diff_to_single_process": (gathered[0][: single.numel()] - single).abs().max().item(),
     }, open(sys.argv[1], "w"))
-dist.destroy_process_group()
+exit_distributed_run()  # not destroy_process_group: see hf_rlion.distributed_exit
 '''
 
 

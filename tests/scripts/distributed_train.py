@@ -17,6 +17,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import hf_rlion
+from hf_rlion.distributed_exit import exit_distributed_run
 
 
 def main():
@@ -64,6 +65,7 @@ def main():
         with open(os.path.join(args.output_dir, "run.json"), "w") as f:
             json.dump({"num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
                        "losses": losses}, f)
+    exit_distributed_run()  # a gloo rank may otherwise abort at interpreter exit (see hf_rlion.distributed_exit)
 
 
 if __name__ == "__main__":

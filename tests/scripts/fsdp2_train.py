@@ -16,6 +16,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_op
 from torch.distributed.fsdp import fully_shard
 
 import hf_rlion
+from hf_rlion.distributed_exit import exit_distributed_run
 
 
 def main():
@@ -49,7 +50,7 @@ def main():
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
         torch.save({k: v.detach().cpu() for k, v in full.items()}, os.path.join(args.output_dir, "weights.pt"))
-    dist.destroy_process_group()
+    exit_distributed_run()  # not destroy_process_group: see hf_rlion.distributed_exit
 
 
 if __name__ == "__main__":
