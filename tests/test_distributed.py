@@ -73,3 +73,29 @@ def test_fsdp2_sharded_parameters_match_one_process(tmp_path):
     assert sharded.keys() == single.keys()
     for name in single:
         torch.testing.assert_close(sharded[name], single[name], rtol=1e-5, atol=1e-6)
+
+
+_EXIT_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from hf_rlion.distributed_exit import exit_distributed_run
+exit_distributed_run()  # no process group yet: returns
+dist.init_process_group("gloo")
+total = torch.ones(1)
+dist.all_reduce(total)
+open(sys.argv[1] + f"/rank{dist.get_rank()}.txt", "w").write(str(int(total.item())))
+exit_distributed_run(int(sys.argv[2]))
+raise SystemExit("exit_distributed_run returned in a distributed run")
+"""
+
+
+@pytest.mark.parametrize("exit_code", [0, 3])
+def test_exit_distributed_run_is_a_no_op_alone_and_exits_every_rank_with_its_code(exit_code, tmp_path):
+    script = tmp_path / "exit.py"
+    script.write_text(_EXIT_SCRIPT)
+    torchrun = [os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path), str(exit_code)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run(torchrun, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == (0 if exit_code == 0 else 1), result.stderr[-3000:]
+    if exit_code:
+        assert f"exitcode  : {exit_code}" in result.stderr  # the launcher reports each rank's own code
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["2", "2"]
