@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from hf_rlion import RLion
-from hf_rlion.rlion import rlion_update_
+from hf_rlion.rlion import _effective_alpha, rlion_update_
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -47,6 +47,26 @@ def _layouts():
 
 PATHS = [dict(foreach=False, fused=False), dict(foreach=True, fused=False), dict()]
 
+EPS32 = 2.0**-23
+
+
+def _float32_update_error(ref_m, grad, step, hp):
+    """How far float32 arithmetic may move one step's u = (2/π)·atan(k·ĉ) from float64's, per element.
+
+    ĉ is formed in float32 from m and g (m itself carrying a few steps of rounding): off by about
+    8·ε·(|m| + |g|). arctan's slope k / (1 + (k·ĉ)²) turns that into an error of u, large only where
+    k·ĉ is near 0 while k is huge (α reaches 1e6), and never more than u's range. Plus arctan's own ulp.
+    """
+    beta1 = hp["betas"][0]
+    g = -grad if hp["maximize"] else grad
+    inv_bc = 1.0 / (1.0 - beta1**step) if hp["bias_correction"] else 1.0
+    c_hat = torch.lerp(ref_m, g, 1.0 - beta1) * inv_bc
+    k = _effective_alpha(c_hat, hp["alpha"], hp["alpha_scaling"])
+    delta = 8 * EPS32 * (ref_m.abs() + g.abs()) * inv_bc
+    nearest = ((k * c_hat).abs() - k * delta).clamp(min=0)  # |k·ĉ| at its closest to 0 within the error
+    slope = k / (1 + nearest**2)
+    return (2 / math.pi) * (slope * delta + 2 * EPS32).clamp(max=2.0)
+
 
 @SETTINGS
 @given(hp=hyperparameters, layout=_layouts(), seed=st.integers(0, 2**16), steps=st.integers(1, 4))
@@ -62,10 +82,12 @@ def test_every_path_matches_the_reference_on_any_layout(path, hp, layout, seed, 
     opt = RLion([param], **hp, **path)
     ref_param = start.detach().double().clone()
     ref_m = torch.zeros_like(ref_param)
+    tolerance = torch.zeros_like(ref_param)
     for step in range(1, steps + 1):
         grad = torch.randn(start.shape, generator=gen) * 10 ** torch.empty(()).uniform_(-4, 1, generator=gen).item()
         param.grad = grad.clone()
         opt.step()
+        tolerance += hp["lr"] * _float32_update_error(ref_m, grad.double(), step, hp)
         rlion_update_(
             ref_param, grad.double(), ref_m, step,
             lr=hp["lr"], beta1=hp["betas"][0], beta2=hp["betas"][1], weight_decay=hp["weight_decay"],
@@ -74,8 +96,13 @@ def test_every_path_matches_the_reference_on_any_layout(path, hp, layout, seed, 
         )  # fmt: skip
     assert param.shape == start.shape and param.stride() == start.stride()
     assert torch.isfinite(param).all()
-    # float32 vs float64: near-equal; arctan of huge α·c is flat, so the tolerance is on θ, in lr units
-    torch.testing.assert_close(param.detach().double(), ref_param, rtol=1e-5, atol=1e-6 * max(hp["lr"], 1e-3) * steps)
+    # float32 vs float64: equal up to float32 rounding, which arctan's slope amplifies where k·ĉ ≈ 0
+    difference = (param.detach().double() - ref_param).abs()
+    allowed = tolerance + 1e-5 * ref_param.abs() + 1e-6 * max(hp["lr"], 1e-3) * steps
+    worst = (difference - allowed).argmax() if difference.numel() else None
+    assert (difference <= allowed).all(), (
+        f"element {worst}: |float32 - float64| = {difference.flatten()[worst]:.3g} > allowed {allowed.flatten()[worst]:.3g}"
+    )
 
 
 @SETTINGS
