@@ -18,11 +18,11 @@ REPO = os.path.dirname(HERE)
 BIN = os.path.dirname(sys.executable)
 
 
-def _run(cmd, tmp_path):
+def _run(cmd, tmp_path, returncode=0):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.returncode == returncode, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
 
@@ -93,9 +93,7 @@ def test_exit_distributed_run_is_a_no_op_alone_and_exits_every_rank_with_its_cod
     script = tmp_path / "exit.py"
     script.write_text(_EXIT_SCRIPT)
     torchrun = [os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path), str(exit_code)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    result = subprocess.run(torchrun, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert result.returncode == (0 if exit_code == 0 else 1), result.stderr[-3000:]
+    result = _run(torchrun, tmp_path, returncode=0 if exit_code == 0 else 1)  # torchrun: 1 when any rank fails
     if exit_code:
         assert f"exitcode  : {exit_code}" in result.stderr  # the launcher reports each rank's own code
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["2", "2"]
