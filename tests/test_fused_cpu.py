@@ -159,6 +159,40 @@ def test_tensors_split_across_threads_give_the_same_numbers():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("alpha_scaling", ["rms", "fixed"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_pipelined_read_pass_gives_each_tensor_the_numbers_it_gets_alone(alpha_scaling, threads):
+    # With rms (or check_finite) each thread updates one tensor while reading the next it has
+    # taken; which tensors get paired depends on the thread count and timing. Stepping every
+    # tensor alone in its own call (no pairing) must give the same bits, including around a
+    # tensor skipped for a NaN gradient and for bfloat16 tensors in the same call.
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(90_001,), (256,), (70_000,), (1000, 65), (1,), (33_000,), (16384,), (257, 3)]
+    dtypes = [torch.float32, torch.float32, torch.bfloat16, torch.float32, torch.float32, torch.bfloat16,
+              torch.float32, torch.float32]
+    params = [torch.randn(s, generator=gen).to(d) for s, d in zip(shapes, dtypes)]
+    grads = [(torch.randn(s, generator=gen) * 1e-2).to(d) for s, d in zip(shapes, dtypes)]
+    grads[3].view(-1)[12345] = float("nan")
+    exp_avgs = [torch.randn(s, generator=gen) * 1e-2 for s in shapes]
+    hp = dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.0, alpha=3.0 if alpha_scaling == "rms" else 100.0,
+              alpha_scaling=alpha_scaling, bias_correction=True, maximize=False, check_finite=True)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        together = [t.clone() for t in params], [m.clone() for m in exp_avgs]
+        skipped = fused_cpu.fused_rlion(*together[:1], grads, together[1], [4] * len(shapes), **hp)
+        alone = [t.clone() for t in params], [m.clone() for m in exp_avgs]
+        skipped_alone = [i for i in range(len(shapes))
+                         if fused_cpu.fused_rlion([alone[0][i]], [grads[i]], [alone[1][i]], [4], **hp)]
+    finally:
+        torch.set_num_threads(saved)
+    assert skipped == skipped_alone == [3]
+    assert torch.equal(together[0][3], params[3]) and torch.equal(together[1][3], exp_avgs[3])
+    for a, b in zip(together[0] + together[1], alone[0] + alone[1]):
+        assert torch.equal(a, b)
+    assert not torch.equal(together[0][0], params[0])
+
+
 def test_non_contiguous_tensors_fall_back_to_the_reference_in_the_same_call():
     gen = torch.Generator().manual_seed(4)
     params = [torch.randn(40, 30, generator=gen).t(), torch.randn(20000, generator=gen), torch.randn(7, generator=gen)]
