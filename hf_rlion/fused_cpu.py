@@ -95,7 +95,7 @@ def kernel_available() -> bool:
 
 def _unsupported_reason(params: list[Tensor]) -> Optional[str]:
     for p in params:
-        if p.device.type != "cpu":
+        if not p.is_cpu:
             return f"parameters must be on the CPU (got one on {p.device}); use foreach=True on accelerators"
         if p.dtype not in _DTYPE_CODES:
             return f"parameter dtype must be one of float32, bfloat16, float16 (got {p.dtype})"
@@ -111,7 +111,7 @@ def is_supported(params: list[Tensor]) -> bool:
     (FSDP2's DTensor shards) stay on torch's dispatch, where the per-tensor RMS is a global
     reduction over all shards. (``fused=True`` asks only :func:`check_supported`.)
     """
-    return _unsupported_reason(params) is None and all(type(p.data) is Tensor for p in params)
+    return _unsupported_reason(params) is None and all(type(p) in _PLAIN_TYPES for p in params)
 
 
 def check_supported(params: list[Tensor]) -> None:
@@ -121,15 +121,23 @@ def check_supported(params: list[Tensor]) -> None:
         raise RuntimeError(f"RLion(fused=True): {reason}")
 
 
+# Plain tensors only: a tensor subclass (DTensor, ...) has a data_ptr that is not the whole tensor.
+# nn.Parameter of a subclass takes the subclass's type, so type(p) is Parameter means plain data.
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
 def _kernel_eligible(p: Tensor, g: Tensor, m: Tensor) -> bool:
+    # checked for every tensor at every step: cheap attributes first (is_cpu, not device.type)
     return (
-        type(p.data) is Tensor  # no tensor subclasses (DTensor, ...): their data_ptr is not the whole tensor
+        type(p) in _PLAIN_TYPES
         and type(g) is Tensor
         and type(m) is Tensor
         and p.dtype in _DTYPE_CODES
         and g.dtype == p.dtype
         and m.dtype == torch.float32
-        and p.device.type == g.device.type == m.device.type == "cpu"
+        and p.is_cpu
+        and g.is_cpu
+        and m.is_cpu
         and p.is_contiguous()
         and g.is_contiguous()
         and m.is_contiguous()
