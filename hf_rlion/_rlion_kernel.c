@@ -30,7 +30,7 @@
 #include <float.h>
 #include <omp.h>
 
-#define RLION_ABI_VERSION 2
+#define RLION_ABI_VERSION 3
 #define CHUNK 16384
 /* the sum of squares of "rms" adds in float within blocks of this many elements (each SIMD lane
  * adds 16-32 of them: ~1e-6 relative error) and in double across blocks; double throughout cost
@@ -436,6 +436,15 @@ int rlion_step(int32_t n, void *const *params, const void *const *grads, float *
     }
     free(chunk_offset), free(chunk_tensor), free(chunk_sums), free(small);
     return 0;
+}
+
+/* The optimizer's step counts, float32 scalars as torch.optim keeps them: *steps[t] += 1 and
+ * counts[t] = the new count. One call for a whole group (a torch op per scalar costs ~1.5 us). */
+void rlion_increment_steps(int32_t n, float *const *steps, int64_t *counts) {
+    for (int32_t t = 0; t < n; t++) {
+        *steps[t] += 1.0f;
+        counts[t] = (int64_t)*steps[t];
+    }
 }
 
 /* ------------------------------------------------------------------------------------------

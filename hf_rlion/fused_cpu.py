@@ -37,7 +37,7 @@ from .native import pointer_array
 __all__ = ["is_supported", "check_supported", "fused_rlion", "atan", "finite_mask", "kernel_available"]
 
 _KERNEL_SOURCE = "_rlion_kernel.c"
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 #: Under ``alpha_scaling="rms"`` a tensor with fewer elements than this is reduced and updated by
 #: one thread (no synchronisation; its second read mostly hits that core's cache); larger ones are
@@ -82,6 +82,8 @@ def _load() -> Optional[ctypes.CDLL]:
             ]
             lib.rlion_atan_f32.restype = None
             lib.rlion_atan_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+            lib.rlion_increment_steps.restype = None
+            lib.rlion_increment_steps.argtypes = [ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p]
             lib.rlion_finite_mask.restype = None
             lib.rlion_finite_mask.argtypes = [ctypes.c_int32] + [ctypes.c_void_p] * 4 + [ctypes.c_int32]
     _library, _library_loaded = lib, True
@@ -143,6 +145,23 @@ def _kernel_eligible(p: Tensor, g: Tensor, m: Tensor) -> bool:
         and m.is_contiguous()
         and g.shape == p.shape == m.shape
     )
+
+
+def increment_steps(step_tensors: list[Tensor]) -> Optional[list[int]]:
+    """``step += 1`` for each of an optimizer's step-count tensors by one C call; the new counts.
+
+    Only when they are all float32 CPU scalars (what RLion creates and ``torch.load`` restores)
+    and the kernel is loaded; ``None`` otherwise (use torch's ``_foreach_add_``, ~1.5 µs per
+    scalar on the CPU, against ~0.2 µs here).
+    """
+    lib = _load()
+    if lib is None or not all(
+        type(s) is Tensor and s.dtype == torch.float32 and s.is_cpu and s.numel() == 1 for s in step_tensors
+    ):
+        return None
+    counts = (ctypes.c_int64 * len(step_tensors))()
+    lib.rlion_increment_steps(len(step_tensors), pointer_array(step_tensors), counts)
+    return list(counts)
 
 
 def _rms_split_numel(numels: list[int], threads: int) -> int:
@@ -218,7 +237,8 @@ def fused_rlion(
     inv_bias_correction = (ctypes.c_double * n)(
         *[1.0 / (1.0 - beta1 ** steps[i]) if bias_correction else 1.0 for i in kernel]
     )
-    numels = (ctypes.c_int64 * n)(*[p.numel() for p in ps])
+    numel_list = [p.numel() for p in ps]
+    numels = (ctypes.c_int64 * n)(*numel_list)
     threads = torch.get_num_threads()
     dtypes = (ctypes.c_int32 * n)(*[_DTYPE_CODES[p.dtype] for p in ps])
     skipped_flags = (ctypes.c_int32 * n)()
@@ -237,7 +257,7 @@ def fused_rlion(
         alpha,
         1 if alpha_scaling == "rms" else 0,
         1 if maximize else 0,
-        _rms_split_numel(list(numels), threads),
+        _rms_split_numel(numel_list, threads),
         threads,
         1 if check_finite else 0,
         skipped_flags,

@@ -136,10 +136,14 @@ def _foreach_rlion(
             torch._foreach_lerp_(ms, gs, 1.0 - beta2)
 
 
-def _fused_rlion():
-    from .fused_cpu import fused_rlion
+def _fused_cpu():
+    from . import fused_cpu  # imported on first use: it builds or loads the C kernel
 
-    return fused_rlion
+    return fused_cpu
+
+
+def _fused_rlion():
+    return _fused_cpu().fused_rlion
 
 
 class RLion(RLionBase):
@@ -280,8 +284,10 @@ class RLion(RLionBase):
                 grads.append(p.grad)
                 exp_avgs.append(state["exp_avg"])
                 step_tensors.append(state["step"])
-            torch._foreach_add_(step_tensors, 1.0)  # one call, not one tensor op per parameter
-            steps = [int(s) for s in torch.stack(step_tensors).tolist()]
+            steps = _fused_cpu().increment_steps(step_tensors) if checks_itself else None
+            if steps is None:
+                torch._foreach_add_(step_tensors, 1.0)  # one call, not one tensor op per parameter
+                steps = [int(s) for s in torch.stack(step_tensors).tolist()]
             beta1, beta2 = group["betas"]
             hyperparameters = dict(
                 lr=group["lr"],

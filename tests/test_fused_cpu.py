@@ -193,6 +193,21 @@ def test_pipelined_read_pass_gives_each_tensor_the_numbers_it_gets_alone(alpha_s
     assert not torch.equal(together[0][0], params[0])
 
 
+def test_step_counts_are_incremented_by_the_kernel_or_by_torch_for_other_dtypes():
+    counts = [torch.tensor(2.0), torch.tensor(7.0)]
+    assert fused_cpu.increment_steps(counts) == [3, 8] and [c.item() for c in counts] == [3.0, 8.0]
+    other = [torch.tensor(2.0), torch.tensor(5.0, dtype=torch.float64)]
+    assert fused_cpu.increment_steps(other) is None and other[1].item() == 5.0  # untouched
+    # an optimizer whose state holds a float64 count (an old checkpoint) still counts, via torch
+    p = torch.nn.Parameter(torch.randn(10))
+    opt = RLion([p], lr=1e-2)
+    p.grad = torch.randn(10)
+    opt.step()
+    opt.state[p]["step"] = torch.tensor(5.0, dtype=torch.float64)
+    opt.step()
+    assert opt.state[p]["step"].item() == 6.0 and opt.state[p]["step"].dtype == torch.float64
+
+
 def test_non_contiguous_tensors_fall_back_to_the_reference_in_the_same_call():
     gen = torch.Generator().manual_seed(4)
     params = [torch.randn(40, 30, generator=gen).t(), torch.randn(20000, generator=gen), torch.randn(7, generator=gen)]
