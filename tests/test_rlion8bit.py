@@ -87,6 +87,16 @@ def test_kernel_reproduces_bitsandbytes_codes_exactly(options, dtype):
     assert fast.state[fasts[0]]["step"] == 5 and fast.state[fasts[1]]["step"] == 4
 
 
+def test_code_table_is_remembered_per_qmap_tensor_and_rebuilt_when_it_changes():
+    qmap = bnb_functional.create_dynamic_map(signed=True)
+    table = r8._lut_of(qmap)
+    assert r8._lut_of(qmap) is table and torch.equal(table, r8.quantize_lut(qmap))
+    twin = qmap.clone()
+    assert torch.equal(r8._lut_of(twin), table)
+    qmap.mul_(0.5)  # changed in place: a different map, a different table
+    assert torch.equal(r8._lut_of(qmap), r8.quantize_lut(qmap)) and not torch.equal(r8._lut_of(qmap), table)
+
+
 def test_reference_first_step_equals_rlion_and_momentum_is_quantised_within_the_map_gap():
     """From zero momentum (exactly representable) the first 8-bit step is RLion's, bit for bit; the stored
     momentum is (1-β2)·g to within half the dynamic map's widest gap (0.0070) plus the width of one bin of
