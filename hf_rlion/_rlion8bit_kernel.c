@@ -417,10 +417,11 @@ static float alpha_of(const double *sums, int64_t nc, int64_t numel, float alpha
  * separate pass over every gradient before the step.
  *
  * Work split, as in the fp32 kernel (_rlion_kernel.c): tensors below split_numel are each done by
- * one thread from start to end (read pass forwards, update backwards so that what the read pass
- * touched last is still in cache), handed out dynamically with no barrier at all (on a busy machine
- * a barrier can cost milliseconds); larger tensors are split into chunks of CHUNK elements across
- * the threads, with one barrier between their two passes.
+ * one thread from start to end (read pass, then update, both forwards: the hardware prefetchers
+ * follow ascending streams, and an update walking backwards from where the read pass ended was 3 %
+ * slower), handed out dynamically with no barrier at all (on a busy machine a barrier can cost
+ * milliseconds); larger tensors are split into chunks of CHUNK elements across the threads, with
+ * one barrier between their two passes.
  *
  * Temporaries: a few 256-float buffers per thread, plus per-call tables (9 bytes per CHUNK elements
  * and 64 bytes per tensor). Returns 0, or -1 if those cannot be allocated (nothing is modified then). */
@@ -487,7 +488,7 @@ int rlion8bit_step_many(int64_t count, int dtype, void *const *params, const voi
                 continue;
             }
             const float alpha_t = alpha_of(sums, nc, x->numel, alpha, rms_scaling);
-            for (int64_t c = nc - 1; c >= 0; --c)
+            for (int64_t c = 0; c < nc; ++c)
                 update_chunk(x, c, &h, alpha_t);
         }
         /* larger tensors: both passes split across the threads */
@@ -515,7 +516,7 @@ int rlion8bit_step_many(int64_t count, int dtype, void *const *params, const voi
             const float alpha_t = alpha_of(sums, nc, x->numel, alpha, rms_scaling);
 #pragma omp for schedule(dynamic, 1) nowait
             for (int64_t j = 0; j < nc; ++j)
-                update_chunk(x, nc - 1 - j, &h, alpha_t);
+                update_chunk(x, j, &h, alpha_t);
         }
     }
     free(tensors);
