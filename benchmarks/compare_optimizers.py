@@ -266,20 +266,23 @@ def _recipe_digits_data() -> TaskData:
     return TaskData(*tensors(raw["train"]), *tensors(raw["validation"]))
 
 
-class _LogitsOnly(nn.Module):
-    def __init__(self, model: nn.Module):
+class _OutputField(nn.Module):
+    """A transformers model as a plain tensor-to-tensor module: one field of its output."""
+
+    def __init__(self, model: nn.Module, field: str):
         super().__init__()
         self.model = model
+        self.field = field
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=pixel_values).logits
+        return getattr(self.model(pixel_values=pixel_values), self.field)
 
 
 def _recipe_digits_model() -> nn.Module:
     """The classification recipe's embedded default model (a tiny transformers ResNet from config)."""
     recipe = _load_classification_recipe()
     model, _ = recipe.build_model_and_processor(recipe.ModelArguments(), [str(d) for d in range(10)])
-    return _LogitsOnly(model)
+    return _OutputField(model, "logits")
 
 
 DETECTION_RECIPE_PATH = Path(__file__).resolve().parents[1] / "recipes" / "vit_detection_caltech101.py"
@@ -321,20 +324,11 @@ def _recipe_caltech_data() -> TaskData:
         return TaskData(*tensors(train), *tensors(test))
 
 
-class _PredictedBoxes(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=pixel_values).pred_boxes
-
-
 def _recipe_caltech_model() -> nn.Module:
     """The detection recipe's model (``hf_rlion.models.ViTBoxRegressionModel``), built by its ``build_model``."""
     recipe = _load_detection_recipe()
     args = recipe.parse_args(["--data_dir", ".", "--output_dir", ".", *CALTECH_MODEL_ARGS])
-    return _PredictedBoxes(recipe.build_model(args, ["airplanes"]))
+    return _OutputField(recipe.build_model(args, ["airplanes"]), "pred_boxes")
 
 
 TASKS: dict[str, Task] = {
