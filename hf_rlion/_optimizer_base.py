@@ -97,6 +97,25 @@ class RLionBase(torch.optim.Optimizer):
         self._record_nonfinite([p for p, ok in zip(params, mask) if not ok])
         return [p for p, ok in zip(params, mask) if ok]
 
+    @staticmethod
+    def _count_steps(step_tensors: list[Tensor], by_kernel: bool) -> list[int]:
+        """``step += 1`` for each step-count tensor; returns the new counts.
+
+        By one C call when ``by_kernel`` (a kernel path, where the CPU kernel is loaded anyway) and
+        the counts are float32 CPU scalars (:func:`hf_rlion.fused_cpu.increment_steps`); otherwise
+        by one ``_foreach_add_``.
+        """
+        if not step_tensors:
+            return []
+        if by_kernel:
+            from . import fused_cpu
+
+            counts = fused_cpu.increment_steps(step_tensors)
+            if counts is not None:
+                return counts
+        torch._foreach_add_(step_tensors, 1.0)  # one call, not one tensor op per parameter
+        return [int(s) for s in torch.stack(step_tensors).tolist()]
+
     def _undo_kernel_skips(self, skipped: list[Tensor]) -> None:
         """For tensors a kernel left untouched (NaN/inf gradient) after ``step()`` counted them:
         their step count goes back, state created this step goes away, and the skip is recorded."""

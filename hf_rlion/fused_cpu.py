@@ -39,10 +39,10 @@ __all__ = ["is_supported", "check_supported", "fused_rlion", "atan", "finite_mas
 _KERNEL_SOURCE = "_rlion_kernel.c"
 _ABI_VERSION = 3
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-#: Under ``alpha_scaling="rms"`` a tensor with fewer elements than this is reduced and updated by
-#: one thread (no synchronisation; its second read mostly hits that core's cache); larger ones are
-#: split across threads. The threshold is raised to a quarter of each thread's share of the group
-#: so that the per-thread tensors still balance.
+#: A tensor with fewer elements than this is read (RMS reduction, NaN/inf check) and updated by one
+#: thread, with no synchronisation; larger ones are split across threads. The threshold is raised
+#: to a quarter of each thread's share of the group so that the per-thread tensors still balance
+#: (:func:`split_numel`; the 8-bit kernel uses the same rule).
 RMS_SPLIT_MIN_NUMEL = 1 << 20
 
 _library: Optional[ctypes.CDLL] = None
@@ -164,7 +164,9 @@ def increment_steps(step_tensors: list[Tensor]) -> Optional[list[int]]:
     return list(counts)
 
 
-def _rms_split_numel(numels: list[int], threads: int) -> int:
+def split_numel(numels: list[int], threads: int) -> int:
+    """Tensors below this many elements are read and updated by one thread each, larger ones split
+    across the threads (both kernels, ``_rlion_kernel.c`` and ``_rlion8bit_kernel.c``)."""
     if threads <= 1:
         return 1 << 62  # one thread: never split, never synchronise
     return max(RMS_SPLIT_MIN_NUMEL, sum(numels) // (4 * threads))
@@ -257,7 +259,7 @@ def fused_rlion(
         alpha,
         1 if alpha_scaling == "rms" else 0,
         1 if maximize else 0,
-        _rms_split_numel(numel_list, threads),
+        split_numel(numel_list, threads),
         threads,
         1 if check_finite else 0,
         skipped_flags,

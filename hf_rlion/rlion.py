@@ -137,7 +137,7 @@ def _foreach_rlion(
 
 
 def _fused_cpu():
-    from . import fused_cpu  # imported on first use: it builds or loads the C kernel
+    from . import fused_cpu  # imported on first use
 
     return fused_cpu
 
@@ -241,15 +241,11 @@ class RLion(RLionBase):
     def _implementation(self, group: dict, params: list[Tensor]) -> Callable:
         fused, foreach = group["fused"], group["foreach"]
         if fused:
-            from . import fused_cpu
-
-            fused_cpu.check_supported(params)
-            return fused_cpu.fused_rlion
+            _fused_cpu().check_supported(params)
+            return _fused_rlion()
         if fused is None and foreach is None:
-            from . import fused_cpu
-
-            if fused_cpu.is_supported(params):
-                return fused_cpu.fused_rlion
+            if _fused_cpu().is_supported(params):
+                return _fused_rlion()
             foreach = any(p.device.type != "cpu" for p in params)
         return _foreach_rlion if foreach else _single_tensor_rlion
 
@@ -284,10 +280,7 @@ class RLion(RLionBase):
                 grads.append(p.grad)
                 exp_avgs.append(state["exp_avg"])
                 step_tensors.append(state["step"])
-            steps = _fused_cpu().increment_steps(step_tensors) if checks_itself else None
-            if steps is None:
-                torch._foreach_add_(step_tensors, 1.0)  # one call, not one tensor op per parameter
-                steps = [int(s) for s in torch.stack(step_tensors).tolist()]
+            steps = self._count_steps(step_tensors, by_kernel=checks_itself)
             beta1, beta2 = group["betas"]
             hyperparameters = dict(
                 lr=group["lr"],

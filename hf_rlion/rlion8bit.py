@@ -57,10 +57,9 @@ except ImportError as _err:  # pragma: no cover - exercised in an environment wi
         "Install it with: pip install 'hf-rlion[8bit]'"
     ) from _err
 
-from . import native
+from . import fused_cpu, native
 from .native import pointer_array
 from ._optimizer_base import RLionBase, low_precision_dtypes, validate_hyperparameters
-from . import fused_cpu
 from .rlion import RLion, rlion_update_
 
 __all__ = ["RLion8bit", "PagedRLion8bit", "keep_embeddings_in_32bit", "rlion8bit_reference_update_", "BLOCKSIZE"]
@@ -72,11 +71,6 @@ _PAGED_MIN_NUMEL = 100_000
 _OPTIM_BITS = (8, 32)
 #: Below this many elements in one call the kernel runs on one thread (waking a thread team costs more).
 _PARALLEL_MIN_NUMEL = 1 << 16
-#: A tensor with fewer elements than this is checked, reduced and updated by one thread (no
-#: synchronisation; its second read mostly hits that core's cache); larger ones are split across
-#: threads. Raised to a quarter of each thread's share of the call so the per-thread tensors balance
-#: (the fp32 kernel's rule, ``hf_rlion.fused_cpu``).
-_SPLIT_MIN_NUMEL = 1 << 20
 #: Parameter dtypes the C kernel takes (the code it expects); float16 uses the reference path.
 _KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _TWO_OVER_PI = 2.0 / math.pi
@@ -221,15 +215,14 @@ def fused_update_many_(
     under ``"fixed"`` it only scans g. That pass also applies the non-finite policy: a tensor whose
     gradient holds NaN/inf is left untouched (parameter, codes, absmax). Returns the indices of
     those tensors (the caller undoes their step count and counts them). Tensors below
-    ``max(2^20, total / (4 · threads))`` elements are done by one thread each, larger ones split.
+    :func:`hf_rlion.fused_cpu.split_numel` elements are done by one thread each, larger ones split.
     """
     grads = [g.contiguous() for g in grads]
     luts = [_lut_of(q) for q in qmaps]
     qmaps = [q.contiguous() for q in qmaps]
     numels = [p.numel() for p in params]
-    total = sum(numels)
-    threads = max(torch.get_num_threads(), 1) if total >= _PARALLEL_MIN_NUMEL else 1
-    split_numel = max(_SPLIT_MIN_NUMEL, total // (4 * threads)) if threads > 1 else 1 << 62
+    threads = max(torch.get_num_threads(), 1) if sum(numels) >= _PARALLEL_MIN_NUMEL else 1
+    split_numel = fused_cpu.split_numel(numels, threads)
     skipped = (ctypes.c_int32 * len(params))()
     status = library.rlion8bit_step_many(
         len(params), _KERNEL_DTYPES[params[0].dtype], pointer_array(params), pointer_array(grads), pointer_array(codes),
@@ -527,11 +520,7 @@ class RLion8bit(RLionBase):
                     p, p.grad, state["state1"], state["absmax1"], state["qmap1"], int(state["step"].item()),
                     **hyperparameters,
                 )
-            kernel_steps = [self.state[p]["step"] for p, _ in kernel_items]
-            counts = fused_cpu.increment_steps(kernel_steps) if kernel_steps else []
-            if counts is None:  # step counts of another dtype (an old checkpoint)
-                torch._foreach_add_(kernel_steps, 1.0)
-                counts = [int(s) for s in torch.stack(kernel_steps).tolist()]
+            counts = self._count_steps([self.state[p]["step"] for p, _ in kernel_items], by_kernel=True)
             for (p, hyperparameters), count in zip(kernel_items, counts):
                 kernel_batches[(p.dtype, tuple(sorted(hyperparameters.items())))].append((p, self.state[p], count))
             for (_, key), items in kernel_batches.items():

@@ -152,7 +152,7 @@ def test_results_do_not_depend_on_the_thread_count(alpha_scaling):
 
 def test_tensors_split_across_threads_give_the_same_numbers():
     # "rms": small tensors are done by one thread each, large ones split across threads
-    assert fused_cpu._rms_split_numel([700_000, 40_000, 38_700], 2) == fused_cpu.RMS_SPLIT_MIN_NUMEL > 700_000
+    assert fused_cpu.split_numel([700_000, 40_000, 38_700], 2) == fused_cpu.RMS_SPLIT_MIN_NUMEL > 700_000
     owned = run_big_group("rms", threads=2)
     split = run_big_group("rms", threads=2, split_min=1)  # now the 700k and 40k tensors are split
     for a, b in zip(owned, split):
