@@ -174,8 +174,11 @@ static inline void dequantize_block(const uint8_t *q, const float *qmap, const q
 
 /* bitsandbytes' CPU quantize_blockwise for one block; returns its absmax. Per element:
  * v = clamp(m * (1 / absmax), -1, 1), index = (int)(((v + 1) * 0.5) * 65535 + 0.5), code = lut[index]
- * (each operation rounded to float32 in this order, as bitsandbytes computes it). */
-static inline float quantize_block(const float *m, const uint8_t *lut, int64_t len, uint8_t *q) {
+ * (each operation rounded to float32 in this order, as bitsandbytes computes it).
+ * A block with absmax below FLT_MIN is first scaled by 2^64 in place (exact), as
+ * rlion8bit.quantize_blockwise does: 1 / absmax overflows to inf below 2^-128, and a zero would give
+ * 0 * inf = NaN, an index outside the table. Above 2^-128 the scaling changes no code. */
+static inline float quantize_block(float *m, const uint8_t *lut, int64_t len, uint8_t *q) {
     float block_max = 0.0f;
 #pragma omp simd reduction(max : block_max)
     for (int64_t i = 0; i < len; ++i) {
@@ -187,7 +190,13 @@ static inline float quantize_block(const float *m, const uint8_t *lut, int64_t l
             q[i] = 0;
         return block_max;
     }
-    const float inv = 1.0f / block_max;
+    float scaled_max = block_max;
+    if (block_max < FLT_MIN) {
+        for (int64_t i = 0; i < len; ++i)
+            m[i] *= 0x1p64f;
+        scaled_max = block_max * 0x1p64f;
+    }
+    const float inv = 1.0f / scaled_max;
     int32_t index[BLOCK];
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {

@@ -97,15 +97,39 @@ def rlion8bit_reference_update_(
 ) -> None:
     """One RLion step on 8-bit state, in place: dequantise, :func:`rlion_update_`, requantise.
 
-    Uses ``bitsandbytes.functional.dequantize_blockwise`` / ``quantize_blockwise`` with
-    ``blocksize=256``; every fast path is tested against this. ``hyperparameters`` are
+    Uses ``bitsandbytes.functional.dequantize_blockwise`` and, through :func:`quantize_blockwise`,
+    its ``quantize_blockwise``, with ``blocksize=256``; every fast path is tested against this. ``hyperparameters`` are
     :func:`rlion_update_`'s keywords.
     """
     exp_avg = bnb_functional.dequantize_blockwise(codes, absmax=absmax, code=qmap, blocksize=BLOCKSIZE)
     rlion_update_(param, grad, exp_avg, step, **hyperparameters)
-    new_codes, quant_state = bnb_functional.quantize_blockwise(exp_avg, code=qmap, blocksize=BLOCKSIZE)
+    new_codes, new_absmax = quantize_blockwise(exp_avg, qmap)
     codes.copy_(new_codes)
-    absmax.copy_(quant_state.absmax)
+    absmax.copy_(new_absmax)
+
+
+#: Blocks whose absmax is below the smallest normal float32 are scaled by this before quantising.
+_SUBNORMAL_BLOCK_SCALE = 2.0**64
+
+
+def quantize_blockwise(values: Tensor, qmap: Tensor) -> tuple[Tensor, Tensor]:
+    """bitsandbytes' ``quantize_blockwise`` (blocks of 256): ``(codes, absmax)``, safe for tiny blocks.
+
+    bitsandbytes scales a block by ``1 / absmax``, which overflows to inf when absmax is below
+    2^-128 (momentum that has decayed for thousands of zero-gradient steps); a zero then becomes
+    ``0 · inf = NaN`` and is stored as code 0, that is ``-0.993 · absmax``. Here a block with
+    absmax below the smallest normal float32 is scaled by 2^64 first (exact: a power of two) and
+    its absmax scaled back (exact again). For every other block, and for these wherever
+    bitsandbytes' ``1 / absmax`` is finite, the codes are bitsandbytes' own (tested); the fused
+    kernel does the same.
+    """
+    flat = values.reshape(-1)
+    padded = torch.nn.functional.pad(flat, (0, -flat.numel() % BLOCKSIZE)).view(-1, BLOCKSIZE)
+    tiny = padded.abs().amax(dim=1) < torch.finfo(torch.float32).smallest_normal
+    factor = torch.where(tiny, _SUBNORMAL_BLOCK_SCALE, 1.0).to(flat.dtype)
+    scaled = (padded * factor[:, None]).view(-1)[: flat.numel()].view_as(values)
+    codes, quant_state = bnb_functional.quantize_blockwise(scaled, code=qmap, blocksize=BLOCKSIZE)
+    return codes, quant_state.absmax / factor.to(quant_state.absmax.dtype)
 
 
 # --------------------------------------------------------------------------------------------

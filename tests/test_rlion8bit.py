@@ -87,6 +87,39 @@ def test_kernel_reproduces_bitsandbytes_codes_exactly(options, dtype):
     assert fast.state[fasts[0]]["step"] == 5 and fast.state[fasts[1]]["step"] == 4
 
 
+@pytest.mark.parametrize("fused", [pytest.param(True, marks=needs_kernel), False])
+def test_momentum_below_the_smallest_normal_float_is_quantised_like_any_other(fused):
+    """A block whose absmax is subnormal (momentum decayed over thousands of zero-gradient steps):
+    1/absmax overflows to inf, and bitsandbytes' quantize_blockwise alone turns 0 · inf = NaN into
+    code 0 (-0.993 · absmax) while the kernel read outside its code table (a segfault). Both paths
+    scale such a block by 2^64 first: zeros get the code of a zero in any other block, every value
+    is within the map's gap, and the two paths agree code for code."""
+    torch.manual_seed(0)
+    param = nn.Parameter(torch.randn(1000))
+    grad = torch.randn(1000) * 1e-37  # m = (1 - beta2) g: blocks with absmax ~ 3e-39 .. 1e-42
+    grad[::3] = 0.0
+    grad[256:512] *= 1e-3
+    grad[512:768] *= 2 ** -9  # absmax near 2^-128, where 1/absmax is just finite
+    param.grad = grad
+    opt = RLion8bit([param], lr=1e-2, fused=fused, min_8bit_size=1)
+    opt.step()
+    state = opt.state[param]
+    assert (state["absmax1"] < torch.finfo(torch.float32).tiny).all() and (state["absmax1"] > 0).all()
+    stored = bnb_functional.dequantize_blockwise(state["state1"], absmax=state["absmax1"], code=state["qmap1"], blocksize=256)
+    exact = torch.lerp(torch.zeros(1000), grad, 0.01)
+    zero_code = bnb_functional.quantize_blockwise(torch.tensor([1.0, 0.0]), code=state["qmap1"], blocksize=256)[0][1]
+    assert (state["state1"][::3] == zero_code).all()  # as a zero in a block of normal floats
+    gap = (state["qmap1"][1:] - state["qmap1"][:-1]).max() / 2 + 2 / 65535
+    per_element_absmax = state["absmax1"].repeat_interleave(256)[:1000]
+    assert ((stored - exact).abs() <= gap * per_element_absmax * (1 + 1e-6) + 2 * torch.finfo(torch.float32).smallest_normal * 2**-23).all()
+    codes, absmax = r8.quantize_blockwise(exact, state["qmap1"])
+    assert torch.equal(codes, state["state1"]) and torch.equal(absmax, state["absmax1"])
+    normal = torch.randn(1000)
+    bnb_codes, bnb_state = bnb_functional.quantize_blockwise(normal, code=state["qmap1"], blocksize=256)
+    codes, absmax = r8.quantize_blockwise(normal, state["qmap1"])
+    assert torch.equal(codes, bnb_codes) and torch.equal(absmax, bnb_state.absmax)  # bitsandbytes' own where it is finite
+
+
 def test_code_table_is_remembered_per_qmap_tensor_and_rebuilt_when_it_changes():
     qmap = bnb_functional.create_dynamic_map(signed=True)
     table = r8._lut_of(qmap)
