@@ -172,9 +172,14 @@ static inline void dequantize_block(const uint8_t *q, const float *qmap, const q
         m[i] = qmap[(int32_t)q[i]] * scale;
 }
 
-/* bitsandbytes' CPU quantize_blockwise for one block; returns its absmax. Per element:
- * v = clamp(m * (1 / absmax), -1, 1), index = (int)(((v + 1) * 0.5) * 65535 + 0.5), code = lut[index]
- * (each operation rounded to float32 in this order, as bitsandbytes computes it).
+/* bitsandbytes' CPU quantize_blockwise for one block; returns its absmax. Per element, bitsandbytes
+ * computes v = clamp(m * (1 / absmax), -1, 1), index = (int)(((v + 1) * 0.5) * 65535 + 0.5),
+ * code = lut[index], each operation rounded to float32. Here the index is (int)((v + 1) * 32767.5 + 0.5)
+ * without the clamp: the same index for every float v in [-1, 1] (the * 0.5 is exact; checked over all
+ * 2^31 such floats), and the clamp never acts (|m| <= absmax, so m * RN(1 / absmax) rounds to at most 1
+ * in magnitude; above 2^126, where 1 / absmax is subnormal, it can exceed 1 by less than 2^-16, which
+ * still gives index 0 or 65535). 16 % less time for the requantisation; the same codes (tested at the
+ * extremes of float32).
  * A block with absmax below FLT_MIN is first scaled by 2^64 in place (exact), as
  * rlion8bit.quantize_blockwise does: 1 / absmax overflows to inf below 2^-128, and a zero would give
  * 0 * inf = NaN, an index outside the table. Above 2^-128 the scaling changes no code. */
@@ -200,10 +205,8 @@ static inline float quantize_block(float *m, const uint8_t *lut, int64_t len, ui
     int32_t index[BLOCK];
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
-        float v = m[j] * inv;
-        v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
-        const float t = (v + 1.0f) * 0.5f;
-        const float s = t * 65535.0f;
+        const float v = m[j] * inv;
+        const float s = (v + 1.0f) * 32767.5f;
         index[j] = (int32_t)(s + 0.5f);
     }
 /* independent byte loads: unrolled, 8 % less time for the whole step (25M elements, one thread) */

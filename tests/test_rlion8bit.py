@@ -120,6 +120,29 @@ def test_momentum_below_the_smallest_normal_float_is_quantised_like_any_other(fu
     assert torch.equal(codes, bnb_codes) and torch.equal(absmax, bnb_state.absmax)  # bitsandbytes' own where it is finite
 
 
+@needs_kernel
+@pytest.mark.parametrize("alpha_scaling", ["rms", "fixed"])
+def test_kernel_codes_equal_the_reference_at_the_extremes_of_float32(alpha_scaling):
+    """Blocks whose momentum absmax is near the largest float32 (above 2^126, where 1/absmax is
+    subnormal), ordinary, near the smallest normal, and subnormal: the kernel's codes and absmax equal
+    the reference's (bitsandbytes' quantize_blockwise) in every block."""
+    torch.manual_seed(1)
+    scales = [2e38, 9e37, 1.0, 1e-3, 2.0**-120, 1.5e-38, 2e-39, 1e-41]
+    n = 256 * len(scales)
+    qmap = bnb_functional.create_dynamic_map(signed=True)
+    codes = torch.randint(0, 256, (n,), dtype=torch.uint8)
+    absmax = torch.tensor(scales, dtype=torch.float32)
+    grad = torch.randn(n).clamp(-1, 1) * absmax.repeat_interleave(256) / 2
+    options = dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.0, alpha=3.0, alpha_scaling=alpha_scaling,
+                   bias_correction=False, maximize=False)  # fmt: skip
+    ref = [torch.randn(n), grad.clone(), codes.clone(), absmax.clone()]
+    fast = [t.clone() for t in ref]
+    r8.rlion8bit_reference_update_(*ref, qmap, 1, **options)
+    skipped = r8.fused_update_many_(r8._load_kernel(), *[[t] for t in fast], [qmap], [1], **options)
+    assert skipped == [] and torch.isfinite(ref[3]).all()
+    assert torch.equal(fast[2], ref[2]) and torch.equal(fast[3], ref[3])
+
+
 def test_code_table_is_remembered_per_qmap_tensor_and_rebuilt_when_it_changes():
     qmap = bnb_functional.create_dynamic_map(signed=True)
     table = r8._lut_of(qmap)
