@@ -282,12 +282,17 @@ static float rms_scale(const double *chunk_sums, int64_t n_chunks, int64_t numel
     return (float)((double)alpha / rms_c_hat * inv_bc);
 }
 
-/* The multiplier k of tensor t after its pre-pass; sets *bad when the pre-pass total is non-finite. */
+static int chunk_finite(int dtype, const void *g, int64_t lo, int64_t hi);
+
+/* The multiplier k of tensor t after its pre-pass; sets *bad when its gradient g holds NaN/inf.
+ * A NaN/inf g makes the pre-pass total non-finite; so can a finite g whose sum of squares overflows
+ * float32 (|c| above ~1e18), and then g itself is scanned: such a tensor is stepped as the reference
+ * steps it (RMS = inf, k = 0). */
 static float scale_after_prepass(int rms, const double *sums, int64_t nc, int64_t numel, float alpha, double inv_bc,
-                                 int *bad) {
+                                 int dtype, const void *g, int *bad) {
     double total = 0.0;
     for (int64_t i = 0; i < nc; i++) total += sums[i];
-    *bad = !isfinite(total);
+    *bad = !isfinite(total) && !(rms && chunk_finite(dtype, g, 0, numel));
     return rms ? rms_scale(sums, nc, numel, alpha, inv_bc) : (float)((double)alpha * inv_bc);
 }
 
@@ -387,7 +392,8 @@ int rlion_step(int32_t n, void *const *params, const void *const *grads, float *
                 const int32_t nxt = take_small(&next_small, small, n_small);
                 int bad;
                 const float k = scale_after_prepass(rms, chunk_sums + chunk_offset[cur], n_chunks_of(numels[cur]),
-                                                    numels[cur], alpha, inv_bias_correction[cur], &bad);
+                                                    numels[cur], alpha, inv_bias_correction[cur], dtypes[cur],
+                                                    grads[cur], &bad);
                 const int skip = bad && check_finite;
                 if (skip) skipped[cur] = 1;
                 const int64_t nc_update = skip ? 0 : n_chunks_of(numels[cur]);
@@ -420,7 +426,8 @@ int rlion_step(int32_t n, void *const *params, const void *const *grads, float *
                 for (int64_t c = 0; c < nc; c++)
                     sums[c] = prepass(rms, dtypes[t], grads[t], exp_avgs[t], c * CHUNK, chunk_end(c * CHUNK, numels[t]), &h);
                 int bad;
-                const float k = scale_after_prepass(rms, sums, nc, numels[t], alpha, inv_bias_correction[t], &bad);
+                const float k = scale_after_prepass(rms, sums, nc, numels[t], alpha, inv_bias_correction[t], dtypes[t],
+                                                    grads[t], &bad);
                 if (bad && check_finite) { /* every thread sees the same total: all skip */
 #pragma omp single nowait
                     skipped[t] = 1;

@@ -193,6 +193,40 @@ def test_pipelined_read_pass_gives_each_tensor_the_numbers_it_gets_alone(alpha_s
     assert not torch.equal(together[0][0], params[0])
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_finite_gradient_whose_sum_of_squares_overflows_is_stepped_like_the_reference(threads, monkeypatch):
+    # |c| ~ 1e20: sum(c^2) is inf in float32 (torch's norm too), so RMS = inf and alpha_t = 0. The
+    # kernel used to take the inf total for a NaN/inf gradient and skip the tensor; it must step it
+    # as the reference does (momentum updated, parameter only decayed), and count no skip.
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(3000,), (700_000,), (500,)]
+    monkeypatch.setattr(fused_cpu, "RMS_SPLIT_MIN_NUMEL", 1)  # the 700k tensor is split across the threads
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen) * 1e-2 for s in shapes]
+    grads[0].mul_(1e22)
+    grads[1].mul_(1e22)
+    hp = dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, alpha=3.0, alpha_scaling="rms")
+    results = []
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for fused in (True, False):
+            ps = [torch.nn.Parameter(t.clone()) for t in params]
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt = RLion(ps, fused=fused, foreach=False, **hp)
+            opt.step()
+            assert opt.nonfinite_skips == 0
+            results.append((ps, [opt.state[p]["exp_avg"] for p in ps]))
+    finally:
+        torch.set_num_threads(saved)
+    (fast_p, fast_m), (ref_p, ref_m) = results
+    for i in (0, 1):
+        assert torch.equal(fast_p[i], ref_p[i]) and torch.equal(fast_p[i], params[i] * (1 - 1e-2 * 0.1))
+        assert torch.equal(fast_m[i], ref_m[i]) and torch.isfinite(fast_m[i]).all()
+    assert torch.allclose(fast_p[2], ref_p[2], rtol=0, atol=1e-6) and not torch.equal(fast_p[2], params[2])
+
+
 def test_step_counts_are_incremented_by_the_kernel_or_by_torch_for_other_dtypes():
     counts = [torch.tensor(2.0), torch.tensor(7.0)]
     assert fused_cpu.increment_steps(counts) == [3, 8] and [c.item() for c in counts] == [3.0, 8.0]
