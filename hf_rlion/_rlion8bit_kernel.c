@@ -254,37 +254,6 @@ static inline const float *grad_block(const hyper8 *h, const void *grad, int64_t
     return wide;
 }
 
-/* sum over one block of c_hat^2, c_hat = lerp(m, g, 1 - beta1) / divisor; *nonfinite accumulates
- * g * 0 (0 for finite g, NaN for NaN or +-inf) */
-static inline float block_sumsq(const float *gr, const uint8_t *q, const float *qmap, const qmap_planes *planes,
-                                float scale, int64_t len, const hyper8 *h, float divisor, float *nonfinite) {
-    float m[BLOCK];
-    dequantize_block(q, qmap, planes, scale, len, m);
-    const float grad_sign = h->grad_sign, w1 = h->w1, w1_minus_1 = h->w1_minus_1;
-    const int small1 = h->small1;
-    float partial = 0.0f, zero = 0.0f;
-    if (grad_sign == 1.0f && small1 && divisor == 1.0f) { /* the usual case, without the exact *1 and /1 */
-#pragma omp simd reduction(+ : partial, zero)
-        for (int64_t i = 0; i < len; ++i) {
-            const float c = fmaf(w1, gr[i] - m[i], m[i]);
-            partial = fmaf(c, c, partial);
-            zero += gr[i] * 0.0f;
-        }
-        *nonfinite += zero;
-        return partial;
-    }
-#pragma omp simd reduction(+ : partial, zero)
-    for (int64_t i = 0; i < len; ++i) {
-        const float g = gr[i] * grad_sign;
-        const float d = g - m[i];
-        const float c = (small1 ? fmaf(w1, d, m[i]) : fmaf(w1_minus_1, d, g)) / divisor;
-        partial = fmaf(c, c, partial);
-        zero += g * 0.0f;
-    }
-    *nonfinite += zero;
-    return partial;
-}
-
 /* g * 0 summed over one block: 0 when every g is finite, NaN otherwise */
 static inline float block_finite_scan(const float *gr, int64_t len) {
     float zero = 0.0f;
@@ -292,6 +261,39 @@ static inline float block_finite_scan(const float *gr, int64_t len) {
     for (int64_t i = 0; i < len; ++i)
         zero += gr[i] * 0.0f;
     return zero;
+}
+
+/* sum over one block of c_hat^2, c_hat = lerp(m, g, 1 - beta1) / divisor; *nonfinite accumulates
+ * g * 0 (0 for finite g, NaN for NaN or +-inf). A NaN or infinite g makes c_hat, hence the sum,
+ * non-finite, so g is scanned only when the sum is (it can also overflow with finite g): two fewer
+ * operations per element on the usual path. */
+static inline float block_sumsq(const float *gr, const uint8_t *q, const float *qmap, const qmap_planes *planes,
+                                float scale, int64_t len, const hyper8 *h, float divisor, float *nonfinite) {
+    float m[BLOCK];
+    dequantize_block(q, qmap, planes, scale, len, m);
+    const float grad_sign = h->grad_sign, w1 = h->w1, w1_minus_1 = h->w1_minus_1;
+    const int small1 = h->small1;
+    float partial = 0.0f;
+    if (grad_sign == 1.0f && small1 && divisor == 1.0f) { /* the usual case, without the exact *1 and /1 */
+#pragma omp simd reduction(+ : partial)
+        for (int64_t i = 0; i < len; ++i) {
+            const float c = fmaf(w1, gr[i] - m[i], m[i]);
+            partial = fmaf(c, c, partial);
+        }
+        if (!isfinite(partial))
+            *nonfinite += block_finite_scan(gr, len);
+        return partial;
+    }
+#pragma omp simd reduction(+ : partial)
+    for (int64_t i = 0; i < len; ++i) {
+        const float g = gr[i] * grad_sign;
+        const float d = g - m[i];
+        const float c = (small1 ? fmaf(w1, d, m[i]) : fmaf(w1_minus_1, d, g)) / divisor;
+        partial = fmaf(c, c, partial);
+    }
+    if (!isfinite(partial))
+        *nonfinite += block_finite_scan(gr, len);
+    return partial;
 }
 
 /* the step on one block; returns the block's new absmax (its codes are written to q) */
