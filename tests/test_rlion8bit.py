@@ -49,6 +49,7 @@ def pair(shape, seed=0, dtype=torch.float32):
         dict(alpha_scaling="rms"),
         dict(alpha_scaling="rms", bias_correction=True, maximize=True),
         dict(alpha_scaling="fixed", alpha=500.0, weight_decay=0.1),
+        dict(alpha_scaling="rms", weight_decay=0.1, maximize=True),
         dict(alpha_scaling="fixed", alpha=50.0, betas=(0.3, 0.2), bias_correction=True),  # lerp weights >= 0.5
     ],
 )
