@@ -98,8 +98,8 @@ def rlion8bit_reference_update_(
     """One RLion step on 8-bit state, in place: dequantise, :func:`rlion_update_`, requantise.
 
     Uses ``bitsandbytes.functional.dequantize_blockwise`` and, through :func:`quantize_blockwise`,
-    its ``quantize_blockwise``, with ``blocksize=256``; every fast path is tested against this. ``hyperparameters`` are
-    :func:`rlion_update_`'s keywords.
+    its ``quantize_blockwise``, with ``blocksize=256``; every fast path is tested against this.
+    ``hyperparameters`` are :func:`rlion_update_`'s keywords.
     """
     exp_avg = bnb_functional.dequantize_blockwise(codes, absmax=absmax, code=qmap, blocksize=BLOCKSIZE)
     rlion_update_(param, grad, exp_avg, step, **hyperparameters)
@@ -121,7 +121,7 @@ def quantize_blockwise(values: Tensor, qmap: Tensor) -> tuple[Tensor, Tensor]:
     absmax below the smallest normal float32 is scaled by 2^64 first (exact: a power of two) and
     its absmax scaled back (exact again). For every other block, and for these wherever
     bitsandbytes' ``1 / absmax`` is finite, the codes are bitsandbytes' own (tested); the fused
-    kernel does the same.
+    kernel does the same. ``values`` are float32 (the dequantised momentum).
     """
     flat = values.reshape(-1)
     padded = torch.nn.functional.pad(flat, (0, -flat.numel() % BLOCKSIZE)).view(-1, BLOCKSIZE)
