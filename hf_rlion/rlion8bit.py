@@ -160,6 +160,8 @@ def _load_kernel() -> Optional[ctypes.CDLL]:
             library.rlion8bit_step_many.restype = ctypes.c_int
             library.rlion8bit_atan_f32.argtypes = [p, p, i64]
             library.rlion8bit_atan_f32.restype = None
+            library.rlion8bit_table_index.argtypes = [p, p, i64]
+            library.rlion8bit_table_index.restype = None
         _kernel, _kernel_loaded = library, True
         return library
 

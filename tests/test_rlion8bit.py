@@ -144,6 +144,22 @@ def test_kernel_codes_equal_the_reference_at_the_extremes_of_float32(alpha_scali
     assert torch.equal(fast[2], ref[2]) and torch.equal(fast[3], ref[3])
 
 
+@needs_kernel
+def test_kernel_table_index_is_bitsandbytes_formula_for_floats_in_minus_one_one():
+    """The kernel finds a code at (int)fma(v + 1, 32767.5, 0.5); bitsandbytes at
+    (int)(((v + 1) * 0.5) * 65535 + 0.5), rounding each step. Equal on every 61st float in [-1, 1]
+    (35M values; all 2^31 were checked once in C), and at both ends."""
+    positive = torch.arange(0, 0x3F800001, 61, dtype=torch.int32)
+    ends = torch.tensor([0x3F800000, -1082130432], dtype=torch.int32)  # 1.0, -1.0
+    patterns = torch.cat([positive, positive | torch.tensor(-(2**31), dtype=torch.int32), ends])
+    v = patterns.view(torch.float32)
+    assert v.abs().max() == 1.0 and (v == -1.0).any()
+    expected = (((v + 1.0) * 0.5) * 65535.0 + 0.5).to(torch.int32)
+    ours = torch.empty_like(patterns)
+    r8._load_kernel().rlion8bit_table_index(v.data_ptr(), ours.data_ptr(), v.numel())
+    assert torch.equal(ours, expected)
+
+
 def test_code_table_is_remembered_per_qmap_tensor_and_rebuilt_when_it_changes():
     qmap = bnb_functional.create_dynamic_map(signed=True)
     table = r8._lut_of(qmap)
