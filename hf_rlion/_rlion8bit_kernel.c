@@ -195,7 +195,8 @@ static inline void lookup_codes(const uint8_t *lut, const pending_codes *pend, i
  * roundings it replaces: checked over all 2^31 such floats, and tested on a sample through
  * rlion8bit_table_index). The clamp never acts: |m| <= absmax, so m * RN(1 / absmax) rounds to at most
  * 1 in magnitude; above 2^126, where 1 / absmax is subnormal, it can exceed 1 by less than 2^-16,
- * which still gives index 0 or 65535. Together 18 % less time for the requantisation. */
+ * which still gives index 0 or 65535. 16 % less time for the requantisation than bitsandbytes'
+ * formula. */
 static inline int32_t table_index(float v) { return (int32_t)fmaf(v + 1.0f, 32767.5f, 0.5f); }
 
 /* bitsandbytes' CPU quantize_blockwise for one block, up to the table lookup: returns the block's absmax
