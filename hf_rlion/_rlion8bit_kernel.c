@@ -66,11 +66,11 @@ static inline float fast_atanf(float a) {
     poly = fmaf(poly, z, ATAN_C2);
     poly = fmaf(poly, z, ATAN_C1);
     poly = fmaf(poly, z, ATAN_C0);
-    const float tz = t * z;
-    const float small_result = fmaf(tz, poly, t);
+    const float tail = (t * z) * poly;
+    const float small_result = t + tail;
     const float head = PIO2_HI - t;
     const float head_err = (PIO2_HI - head) - t;
-    const float big_result = head + ((head_err + PIO2_LO) - tz * poly);
+    const float big_result = head + ((head_err + PIO2_LO) - tail);
     return copysignf(big ? big_result : small_result, a);
 }
 

@@ -59,7 +59,7 @@ def test_dense_sample_of_all_bit_patterns_within_one_ulp():
     d_torch = ulp_distance(ours[finite_or_inf], theirs[finite_or_inf])
     assert d_exact.max() <= 1
     assert d_torch.max() <= 1
-    # nearly every value is the correctly rounded one (all 2^32: 99.84 %)
+    # nearly every value is the correctly rounded one (all 2^32: 99.82 %)
     assert np.mean(d_exact == 0) > 0.995
     assert np.isnan(ours[~finite_or_inf]).all()
 
