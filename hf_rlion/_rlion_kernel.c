@@ -55,8 +55,8 @@ int rlion_abi_version(void) { return RLION_ABI_VERSION; }
  * d atan/dt <= 1), the small tail term and the final rounding. (Compensating the division's
  * rounding as well halves the 1-ulp cases but costs ~20 % of the kernel's speed.) The tail
  * t z P(z) is rounded once and added, for both ranges: an fma for t + tail would be one rounding
- * fewer (7.0M inputs 1 ulp off instead of 7.65M) but is one more multiply-pipe operation, and
- * the loop is bound by those: 2-4 % slower fp32 step, 2.5 % slower 8-bit update.
+ * fewer (7.0M inputs 1 ulp off instead of 7.65M) but keeps one more operation on the multiply
+ * pipes: measured side by side, a 2-3.5 % slower fp32 step and a 2.5 % slower 8-bit update.
  * Measured over all 2^32 inputs (benchmarks/atan_exhaustive.py): at most 1 ulp from the
  * correctly rounded arctan (99.82 % exactly it; 7.65M of 4.28G inputs 1 ulp away). +-0 keep
  * their sign, +-inf give +-pi/2, NaN stays NaN, subnormals come back unchanged (atan(x) = x
