@@ -297,16 +297,14 @@ static inline float block_sumsq(const float *gr, const uint8_t *q, const float *
             const float c = fmaf(w1, gr[i] - m[i], m[i]);
             partial = fmaf(c, c, partial);
         }
-        if (!isfinite(partial))
-            *nonfinite += block_finite_scan(gr, len);
-        return partial;
-    }
+    } else {
 #pragma omp simd reduction(+ : partial)
-    for (int64_t i = 0; i < len; ++i) {
-        const float g = gr[i] * grad_sign;
-        const float d = g - m[i];
-        const float c = (small1 ? fmaf(w1, d, m[i]) : fmaf(w1_minus_1, d, g)) / divisor;
-        partial = fmaf(c, c, partial);
+        for (int64_t i = 0; i < len; ++i) {
+            const float g = gr[i] * grad_sign;
+            const float d = g - m[i];
+            const float c = (small1 ? fmaf(w1, d, m[i]) : fmaf(w1_minus_1, d, g)) / divisor;
+            partial = fmaf(c, c, partial);
+        }
     }
     if (!isfinite(partial))
         *nonfinite += block_finite_scan(gr, len);
