@@ -191,7 +191,7 @@ def quantize_lut(qmap: Tensor) -> Tensor:
 
 
 def _kernel_unsupported_reason(param: Tensor, grad: Tensor, codes: Tensor, qmap: Tensor) -> str:
-    if param.device.type != "cpu":
+    if not param.is_cpu:
         return f"parameters on {param.device.type} (the kernel is CPU-only)"
     if param.dtype not in _KERNEL_DTYPES or grad.dtype != param.dtype:
         return f"{param.dtype} parameters / {grad.dtype} gradients (the kernel takes float32 or bfloat16, both alike)"
@@ -485,7 +485,7 @@ class RLion8bit(RLionBase):
         if fused is False:
             return None
         reason = _kernel_unsupported_reason(param, grad, state["state1"], state["qmap1"])
-        library = _load_kernel() if not reason else None
+        library = (_kernel if _kernel_loaded else _load_kernel()) if not reason else None
         if library is None and not reason:
             reason = "the C kernel could not be built (see the earlier warning)"
         if fused and reason:
@@ -514,6 +514,9 @@ class RLion8bit(RLionBase):
             # right before each update (the gradient is then in cache); every other tensor is checked
             # here first, in one separate pass.
             kernel_items, checked_here = [], []
+            # the group's hyperparameters and their batch key, built once: most tensors have no override
+            group_hyperparameters = self._hyperparameters(group, {})
+            group_key = tuple(sorted(group_hyperparameters.items()))
             for p in self._params_with_grad(group):
                 state = self.state[p]
                 if id(p) not in self._overrides:
@@ -521,11 +524,14 @@ class RLion8bit(RLionBase):
                 overrides = self._overrides[id(p)]
                 if len(state) == 0:
                     self._init_state(p, state, group, overrides)
-                hyperparameters = self._hyperparameters(group, overrides)
+                hyperparameters, key = group_hyperparameters, group_key
+                if overrides:
+                    hyperparameters = self._hyperparameters(group, overrides)
+                    key = tuple(sorted(hyperparameters.items()))
                 library = self._use_kernel(group, p, p.grad, state) if "state1" in state else None
-                (kernel_items if library is not None else checked_here).append((p, hyperparameters))
-            finite = {id(p) for p in self._skip_nonfinite([p for p, _ in checked_here])}
-            for p, hyperparameters in checked_here:
+                (kernel_items if library is not None else checked_here).append((p, hyperparameters, key))
+            finite = {id(p) for p in self._skip_nonfinite([p for p, _, _ in checked_here])}
+            for p, hyperparameters, key in checked_here:
                 state = self.state[p]
                 if id(p) not in finite:
                     if state["step"].item() == 0:  # never stepped: no state, as if it had not been seen
@@ -533,7 +539,7 @@ class RLion8bit(RLionBase):
                     continue
                 state["step"] += 1
                 if "state1" not in state:
-                    params, grads, exp_avgs, steps = batches[tuple(sorted(hyperparameters.items()))]
+                    params, grads, exp_avgs, steps = batches[key]
                     params.append(p)
                     grads.append(p.grad)
                     exp_avgs.append(state["exp_avg"])
@@ -546,9 +552,9 @@ class RLion8bit(RLionBase):
                     p, p.grad, state["state1"], state["absmax1"], state["qmap1"], int(state["step"].item()),
                     **hyperparameters,
                 )
-            counts = self._count_steps([self.state[p]["step"] for p, _ in kernel_items], by_kernel=True)
-            for (p, hyperparameters), count in zip(kernel_items, counts):
-                kernel_batches[(p.dtype, tuple(sorted(hyperparameters.items())))].append((p, self.state[p], count))
+            counts = self._count_steps([self.state[p]["step"] for p, _, _ in kernel_items], by_kernel=True)
+            for (p, _, key), count in zip(kernel_items, counts):
+                kernel_batches[(p.dtype, key)].append((p, self.state[p], count))
             for (_, key), items in kernel_batches.items():
                 skipped = fused_update_many_(
                     _load_kernel(),
