@@ -209,6 +209,30 @@ static inline void lookup_codes(const uint8_t *lut, const pending_codes *pend, i
  * formula. */
 static inline int32_t table_index(float v) { return (int32_t)fmaf(v + 1.0f, 32767.5f, 0.5f); }
 
+/* max |m[i]| over one block (m finite: tensors with NaN/inf gradients are skipped before). A full block
+ * under AVX-512 in four independent chains of maxima: 3 % off the whole step (25M parameters and in L2;
+ * one chain of 16 dependent maxima stood between the update and the block's table indices). */
+static inline float block_absmax(const float *m, int64_t len) {
+#if defined(__AVX512F__)
+    if (len == BLOCK) {
+        __m512 mx[4];
+        for (int k = 0; k < 4; ++k)
+            mx[k] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < BLOCK; i += 64)
+            for (int k = 0; k < 4; ++k)
+                mx[k] = _mm512_max_ps(mx[k], _mm512_abs_ps(_mm512_loadu_ps(m + i + 16 * k)));
+        return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(mx[0], mx[1]), _mm512_max_ps(mx[2], mx[3])));
+    }
+#endif
+    float block_max = 0.0f;
+#pragma omp simd reduction(max : block_max)
+    for (int64_t i = 0; i < len; ++i) {
+        const float a = fabsf(m[i]);
+        block_max = a > block_max ? a : block_max; /* not fmaxf: that is a libm call without -ffast-math */
+    }
+    return block_max;
+}
+
 /* bitsandbytes' CPU quantize_blockwise for one block, up to the table lookup: returns the block's absmax
  * and leaves its table indices (table_index) in *pend (lookup_codes turns them into codes at q). The
  * same codes as bitsandbytes' (tested, also at the extremes of float32).
@@ -216,12 +240,7 @@ static inline int32_t table_index(float v) { return (int32_t)fmaf(v + 1.0f, 3276
  * rlion8bit.quantize_blockwise does: 1 / absmax overflows to inf below 2^-128, and a zero would give
  * 0 * inf = NaN, an index outside the table. Above 2^-128 the scaling changes no code. */
 static inline float quantize_index(float *m, int64_t len, pending_codes *pend, uint8_t *q) {
-    float block_max = 0.0f;
-#pragma omp simd reduction(max : block_max)
-    for (int64_t i = 0; i < len; ++i) {
-        const float a = fabsf(m[i]); /* finite: tensors with NaN/inf gradients are skipped before */
-        block_max = a > block_max ? a : block_max; /* not fmaxf: that is a libm call without -ffast-math */
-    }
+    const float block_max = block_absmax(m, len);
     pend->q = q;
     pend->len = len;
     if (block_max == 0.0f) { /* code 0 (lut[0] = 0), as bitsandbytes stores an all-zero block */
