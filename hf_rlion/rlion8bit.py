@@ -505,7 +505,7 @@ class RLion8bit(RLionBase):
                 loss = closure()
         any_paged = False
         for group_index, group in enumerate(self.param_groups):
-            positions = {id(p): i for i, p in enumerate(group["params"])}
+            positions: Optional[dict[int, int]] = None  # built only when a tensor is new
             # RLion-state tensors, batched by their (possibly overridden) hyperparameters.
             batches: dict[tuple, tuple[list, list, list, list]] = defaultdict(lambda: ([], [], [], []))
             # 8-bit tensors for the C kernel, batched the same way (one kernel call per batch).
@@ -519,9 +519,11 @@ class RLion8bit(RLionBase):
             group_key = tuple(sorted(group_hyperparameters.items()))
             for p in self._params_with_grad(group):
                 state = self.state[p]
-                if id(p) not in self._overrides:
-                    self._overrides[id(p)] = self._resolve_overrides(p, group_index, positions[id(p)])
-                overrides = self._overrides[id(p)]
+                overrides = self._overrides.get(id(p))
+                if overrides is None:
+                    if positions is None:
+                        positions = {id(q): i for i, q in enumerate(group["params"])}
+                    overrides = self._overrides[id(p)] = self._resolve_overrides(p, group_index, positions[id(p)])
                 if len(state) == 0:
                     self._init_state(p, state, group, overrides)
                 hyperparameters, key = group_hyperparameters, group_key
@@ -529,10 +531,9 @@ class RLion8bit(RLionBase):
                     hyperparameters = self._hyperparameters(group, overrides)
                     key = tuple(sorted(hyperparameters.items()))
                 library = self._use_kernel(group, p, p.grad, state) if "state1" in state else None
-                (kernel_items if library is not None else checked_here).append((p, hyperparameters, key))
-            finite = {id(p) for p in self._skip_nonfinite([p for p, _, _ in checked_here])}
-            for p, hyperparameters, key in checked_here:
-                state = self.state[p]
+                (kernel_items if library is not None else checked_here).append((p, state, hyperparameters, key))
+            finite = {id(p) for p in self._skip_nonfinite([p for p, _, _, _ in checked_here])}
+            for p, state, hyperparameters, key in checked_here:
                 if id(p) not in finite:
                     if state["step"].item() == 0:  # never stepped: no state, as if it had not been seen
                         del self.state[p]
@@ -552,9 +553,9 @@ class RLion8bit(RLionBase):
                     p, p.grad, state["state1"], state["absmax1"], state["qmap1"], int(state["step"].item()),
                     **hyperparameters,
                 )
-            counts = self._count_steps([self.state[p]["step"] for p, _, _ in kernel_items], by_kernel=True)
-            for (p, _, key), count in zip(kernel_items, counts):
-                kernel_batches[(p.dtype, key)].append((p, self.state[p], count))
+            counts = self._count_steps([state["step"] for _, state, _, _ in kernel_items], by_kernel=True)
+            for (p, state, _, key), count in zip(kernel_items, counts):
+                kernel_batches[(p.dtype, key)].append((p, state, count))
             for (_, key), items in kernel_batches.items():
                 skipped = fused_update_many_(
                     _load_kernel(),
