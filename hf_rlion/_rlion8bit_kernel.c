@@ -24,6 +24,7 @@
  * Memory: no tensor-sized temporaries (see rlion8bit_step_many).
  */
 #include <float.h>
+#include <omp.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -501,8 +502,25 @@ static double prepass_chunk(const tensor8 *x, int64_t c, const hyper8 *h, int rm
  * within 2 % of each other). */
 #define PREFETCH_BLOCKS 16
 
-/* The update of chunk c of a tensor with multiplier alpha_t. */
-static void update_chunk(const tensor8 *x, int64_t c, const hyper8 *h, float alpha_t) {
+/* While block b of tensor x is updated, the matching share of the gradient and codes of tensor `next`
+ * (the one this thread will likely read next) is prefetched, with the non-temporal hint: its read
+ * pass, which is memory-bound, then finds them in cache while the update, which is bound by
+ * arithmetic, hides the transfer. 2 % off the step on two threads, 1-5 % on one (25M parameters in
+ * 50 tensors, side by side); the T0-T2 hints measured the same or slightly slower. */
+static inline void prefetch_next_read(const tensor8 *x, const tensor8 *next, int64_t b, const hyper8 *h) {
+    const int64_t blocks = (x->numel + BLOCK - 1) / BLOCK, next_blocks = (next->numel + BLOCK - 1) / BLOCK;
+    const int64_t lo = b * next_blocks / blocks * BLOCK, hi = (b + 1) * next_blocks / blocks * BLOCK;
+    const int64_t end = hi < next->numel ? hi : next->numel;
+    const int64_t grad_bytes = h->dtype == DTYPE_BF16 ? 2 : 4;
+    for (int64_t k = lo * grad_bytes; k < end * grad_bytes; k += 64)
+        __builtin_prefetch((const char *)next->grad + k, 0, 0);
+    for (int64_t k = lo; k < end; k += 64)
+        __builtin_prefetch(next->codes + k, 0, 0);
+}
+
+/* The update of chunk c of a tensor with multiplier alpha_t; `next`, if not NULL, is prefetched
+ * meanwhile (prefetch_next_read). */
+static void update_chunk(const tensor8 *x, int64_t c, const hyper8 *h, float alpha_t, const tensor8 *next) {
     const int64_t n = x->numel, first = c * CHUNK_BLOCKS, blocks = (n + BLOCK - 1) / BLOCK;
     const int64_t last = first + CHUNK_BLOCKS < blocks ? first + CHUNK_BLOCKS : blocks;
     float p_wide[BLOCK], g_wide[BLOCK];
@@ -518,6 +536,8 @@ static void update_chunk(const tensor8 *x, int64_t c, const hyper8 *h, float alp
             for (int64_t k = 0; k < BLOCK * param_bytes; k += 64)
                 __builtin_prefetch(ahead + k, 1, 3);
         }
+        if (next)
+            prefetch_next_read(x, next, b, h);
         const float *gr = grad_block(h, x->grad, start, len, g_wide);
         float *p = (float *)x->param + start;
         if (h->dtype == DTYPE_BF16) {
@@ -554,6 +574,29 @@ static float alpha_of(const double *sums, int64_t nc, int64_t numel, float alpha
     return alpha / rms_value;
 }
 
+/* Tensors below split_numel are done by one thread each, handed out in index order by an atomic
+ * counter (claim_whole); likely_next guesses which one this thread will take next, for the prefetch. */
+static int done_whole(const tensor8 *x, int64_t split_numel) { return x->numel < split_numel && x->numel > 0; }
+
+static int64_t claim_whole(int64_t *counter, const tensor8 *tensors, int64_t count, int64_t split_numel) {
+    for (;;) {
+        const int64_t t = __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED);
+        if (t >= count)
+            return count;
+        if (done_whole(&tensors[t], split_numel))
+            return t;
+    }
+}
+
+/* the tensor `rank` places past the counter (each running thread will take one of the next few) */
+static const tensor8 *likely_next(const int64_t *counter, const tensor8 *tensors, int64_t count, int64_t split_numel,
+                                  int rank) {
+    for (int64_t t = __atomic_load_n(counter, __ATOMIC_RELAXED) + rank; t < count; ++t)
+        if (done_whole(&tensors[t], split_numel))
+            return &tensors[t];
+    return NULL;
+}
+
 /* One RLion step on `count` tensors with 8-bit state, in one parallel region. Parameters and
  * gradients are all float32 (dtype 0) or all bfloat16 (dtype 1); arithmetic is float32.
  *
@@ -571,8 +614,9 @@ static float alpha_of(const double *sums, int64_t nc, int64_t numel, float alpha
  * Work split, as in the fp32 kernel (_rlion_kernel.c): tensors below split_numel are each done by
  * one thread from start to end (read pass, then update, both forwards: the hardware prefetchers
  * follow ascending streams, and an update walking backwards from where the read pass ended was 3 %
- * slower), handed out dynamically with no barrier at all (on a busy machine a barrier can cost
- * milliseconds); larger tensors are split into chunks of CHUNK elements across the threads, with
+ * slower), handed out dynamically (claim_whole) with no barrier at all (on a busy machine a barrier
+ * can cost milliseconds), each update prefetching the read pass of the tensor likely next (likely_next,
+ * prefetch_next_read); larger tensors are split into chunks of CHUNK elements across the threads, with
  * one barrier between their two passes.
  *
  * Temporaries: a few 256-float buffers per thread, plus per-call tables (9 bytes per CHUNK elements
@@ -622,14 +666,13 @@ int rlion8bit_step_many(int64_t count, int dtype, void *const *params, const voi
     if (threads < 1)
         threads = 1;
 
+    int64_t next_whole = 0; /* the counter of claim_whole */
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         /* tensors below split_numel: one thread each, no synchronisation */
-#pragma omp for schedule(dynamic, 1) nowait
-        for (int64_t t = 0; t < count; ++t) {
+        int64_t t;
+        while ((t = claim_whole(&next_whole, tensors, count, split_numel)) < count) {
             const tensor8 *x = &tensors[t];
-            if (x->numel >= split_numel || x->numel == 0)
-                continue;
             const int64_t nc = chunks_of(x->numel);
             double *sums = chunk_sums + chunk_offset[t];
             int finite = 1;
@@ -640,8 +683,9 @@ int rlion8bit_step_many(int64_t count, int dtype, void *const *params, const voi
                 continue;
             }
             const float alpha_t = alpha_of(sums, nc, x->numel, alpha, rms_scaling);
+            const tensor8 *next = likely_next(&next_whole, tensors, count, split_numel, omp_get_thread_num());
             for (int64_t c = 0; c < nc; ++c)
-                update_chunk(x, c, &h, alpha_t);
+                update_chunk(x, c, &h, alpha_t, next);
         }
         /* larger tensors: both passes split across the threads */
         for (int64_t t = 0; t < count; ++t) {
@@ -668,7 +712,7 @@ int rlion8bit_step_many(int64_t count, int dtype, void *const *params, const voi
             const float alpha_t = alpha_of(sums, nc, x->numel, alpha, rms_scaling);
 #pragma omp for schedule(dynamic, 1) nowait
             for (int64_t j = 0; j < nc; ++j)
-                update_chunk(x, j, &h, alpha_t);
+                update_chunk(x, j, &h, alpha_t, NULL);
         }
     }
     free(tensors);
