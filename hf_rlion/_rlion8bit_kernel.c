@@ -471,23 +471,38 @@ typedef struct {
 
 static int64_t chunks_of(int64_t numel) { return (numel + CHUNK - 1) / CHUNK; }
 
+/* The qmap_planes of the qmap a thread used last, set up again only when the qmap changes (tensors
+ * usually share bitsandbytes' one signed dynamic map; setting up is ~2000 instructions, 1 % of a
+ * chunk's read pass or update). One per thread and kernel call. */
+typedef struct {
+    const float *qmap;
+    qmap_planes planes;
+} planes_cache;
+
+static inline const qmap_planes *planes_of(planes_cache *cache, const float *qmap) {
+    if (cache->qmap != qmap) {
+        qmap_planes_init(&cache->planes, qmap);
+        cache->qmap = qmap;
+    }
+    return &cache->planes;
+}
+
 /* The read pass of chunk c of a tensor, before its update: its sum of c_hat^2 (double across
  * blocks) under "rms", and *finite = 0 if one of its gradients is NaN/inf. Under "fixed" only the
  * finiteness scan. */
-static double prepass_chunk(const tensor8 *x, int64_t c, const hyper8 *h, int rms, int *finite) {
+static double prepass_chunk(const tensor8 *x, int64_t c, const hyper8 *h, int rms, int *finite,
+                            planes_cache *cache) {
     const int64_t n = x->numel, first = c * CHUNK_BLOCKS, blocks = (n + BLOCK - 1) / BLOCK;
     const int64_t last = first + CHUNK_BLOCKS < blocks ? first + CHUNK_BLOCKS : blocks;
     double sum = 0.0;
     float nonfinite = 0.0f;
     float g_wide[BLOCK];
-    qmap_planes planes;
-    if (rms)
-        qmap_planes_init(&planes, x->qmap);
+    const qmap_planes *planes = rms ? planes_of(cache, x->qmap) : NULL;
     for (int64_t b = first; b < last; ++b) {
         const int64_t start = b * BLOCK, len = start + BLOCK < n ? BLOCK : n - start;
         const float *gr = grad_block(h, x->grad, start, len, g_wide);
         if (rms)
-            sum += (double)block_sumsq(gr, x->codes + start, x->qmap, &planes, x->absmax[b], len, h, x->divisor,
+            sum += (double)block_sumsq(gr, x->codes + start, x->qmap, planes, x->absmax[b], len, h, x->divisor,
                                        &nonfinite);
         else
             nonfinite += block_finite_scan(gr, len);
@@ -520,12 +535,12 @@ static inline void prefetch_next_read(const tensor8 *x, const tensor8 *next, int
 
 /* The update of chunk c of a tensor with multiplier alpha_t; `next`, if not NULL, is prefetched
  * meanwhile (prefetch_next_read). */
-static void update_chunk(const tensor8 *x, int64_t c, const hyper8 *h, float alpha_t, const tensor8 *next) {
+static void update_chunk(const tensor8 *x, int64_t c, const hyper8 *h, float alpha_t, const tensor8 *next,
+                         planes_cache *cache) {
     const int64_t n = x->numel, first = c * CHUNK_BLOCKS, blocks = (n + BLOCK - 1) / BLOCK;
     const int64_t last = first + CHUNK_BLOCKS < blocks ? first + CHUNK_BLOCKS : blocks;
     float p_wide[BLOCK], g_wide[BLOCK];
-    qmap_planes planes;
-    qmap_planes_init(&planes, x->qmap);
+    const qmap_planes *planes = planes_of(cache, x->qmap);
     pending_codes pend;
     pend.len = 0;
     const int64_t param_bytes = h->dtype == DTYPE_BF16 ? 2 : 4;
@@ -547,7 +562,7 @@ static void update_chunk(const tensor8 *x, int64_t c, const hyper8 *h, float alp
                 p_wide[i] = bf16_to_f32(ph[i]);
             p = p_wide;
         }
-        x->absmax[b] = block_step(p, gr, x->codes + start, x->qmap, &planes, x->lut, x->absmax[b], len, h, x->divisor,
+        x->absmax[b] = block_step(p, gr, x->codes + start, x->qmap, planes, x->lut, x->absmax[b], len, h, x->divisor,
                                   alpha_t, &pend);
         if (h->dtype == DTYPE_BF16) {
             uint16_t *ph = (uint16_t *)x->param + start;
@@ -669,6 +684,7 @@ int rlion8bit_step_many(int64_t count, int dtype, void *const *params, const voi
     int64_t next_whole = 0; /* the counter of claim_whole */
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
+        planes_cache cache = {NULL};
         /* tensors below split_numel: one thread each, no synchronisation */
         int64_t t;
         while ((t = claim_whole(&next_whole, tensors, count, split_numel)) < count) {
@@ -677,7 +693,7 @@ int rlion8bit_step_many(int64_t count, int dtype, void *const *params, const voi
             double *sums = chunk_sums + chunk_offset[t];
             int finite = 1;
             for (int64_t c = 0; c < nc && finite; ++c)
-                sums[c] = prepass_chunk(x, c, &h, rms_scaling, &finite);
+                sums[c] = prepass_chunk(x, c, &h, rms_scaling, &finite, &cache);
             if (!finite) {
                 skipped[t] = 1;
                 continue;
@@ -685,7 +701,7 @@ int rlion8bit_step_many(int64_t count, int dtype, void *const *params, const voi
             const float alpha_t = alpha_of(sums, nc, x->numel, alpha, rms_scaling);
             const tensor8 *next = likely_next(&next_whole, tensors, count, split_numel, omp_get_thread_num());
             for (int64_t c = 0; c < nc; ++c)
-                update_chunk(x, c, &h, alpha_t, next);
+                update_chunk(x, c, &h, alpha_t, next, &cache);
         }
         /* larger tensors: both passes split across the threads */
         for (int64_t t = 0; t < count; ++t) {
@@ -698,7 +714,7 @@ int rlion8bit_step_many(int64_t count, int dtype, void *const *params, const voi
 #pragma omp for schedule(dynamic, 1)
             for (int64_t c = 0; c < nc; ++c) {
                 int finite;
-                sums[c] = prepass_chunk(x, c, &h, rms_scaling, &finite);
+                sums[c] = prepass_chunk(x, c, &h, rms_scaling, &finite, &cache);
                 finite_flags[c] = (uint8_t)finite;
             }
             int finite = 1;
@@ -712,7 +728,7 @@ int rlion8bit_step_many(int64_t count, int dtype, void *const *params, const voi
             const float alpha_t = alpha_of(sums, nc, x->numel, alpha, rms_scaling);
 #pragma omp for schedule(dynamic, 1) nowait
             for (int64_t j = 0; j < nc; ++j)
-                update_chunk(x, j, &h, alpha_t, NULL);
+                update_chunk(x, j, &h, alpha_t, NULL, &cache);
         }
     }
     free(tensors);
