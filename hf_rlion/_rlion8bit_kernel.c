@@ -589,27 +589,20 @@ static float alpha_of(const double *sums, int64_t nc, int64_t numel, float alpha
     return alpha / rms_value;
 }
 
-/* Tensors below split_numel are done by one thread each, handed out in index order by an atomic
- * counter (claim_whole); likely_next guesses which one this thread will take next, for the prefetch. */
-static int done_whole(const tensor8 *x, int64_t split_numel) { return x->numel < split_numel && x->numel > 0; }
-
-static int64_t claim_whole(int64_t *counter, const tensor8 *tensors, int64_t count, int64_t split_numel) {
-    for (;;) {
-        const int64_t t = __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED);
-        if (t >= count)
-            return count;
-        if (done_whole(&tensors[t], split_numel))
-            return t;
-    }
+/* Tensors below split_numel (whole[0 .. n_whole), in index order) are done by one thread each, taken
+ * in turn from a shared counter, as in the fp32 kernel (take_small there): the next one for the calling
+ * thread, or -1 when all are taken. */
+static int64_t take_whole(int64_t *counter, const int64_t *whole, int64_t n_whole) {
+    const int64_t i = __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED);
+    return i < n_whole ? whole[i] : -1;
 }
 
-/* the tensor `rank` places past the counter (each running thread will take one of the next few) */
-static const tensor8 *likely_next(const int64_t *counter, const tensor8 *tensors, int64_t count, int64_t split_numel,
-                                  int rank) {
-    for (int64_t t = __atomic_load_n(counter, __ATOMIC_RELAXED) + rank; t < count; ++t)
-        if (done_whole(&tensors[t], split_numel))
-            return &tensors[t];
-    return NULL;
+/* The tensor this thread will likely take next, for the prefetch: the one `rank` places past the
+ * counter (each running thread will take one of the next few), or NULL. */
+static const tensor8 *likely_next(const int64_t *counter, const int64_t *whole, int64_t n_whole,
+                                  const tensor8 *tensors, int rank) {
+    const int64_t i = __atomic_load_n(counter, __ATOMIC_RELAXED) + rank;
+    return i < n_whole ? &tensors[whole[i]] : NULL;
 }
 
 /* One RLion step on `count` tensors with 8-bit state, in one parallel region. Parameters and
@@ -629,13 +622,13 @@ static const tensor8 *likely_next(const int64_t *counter, const tensor8 *tensors
  * Work split, as in the fp32 kernel (_rlion_kernel.c): tensors below split_numel are each done by
  * one thread from start to end (read pass, then update, both forwards: the hardware prefetchers
  * follow ascending streams, and an update walking backwards from where the read pass ended was 3 %
- * slower), handed out dynamically (claim_whole) with no barrier at all (on a busy machine a barrier
+ * slower), handed out dynamically (take_whole) with no barrier at all (on a busy machine a barrier
  * can cost milliseconds), each update prefetching the read pass of the tensor likely next (likely_next,
  * prefetch_next_read); larger tensors are split into chunks of CHUNK elements across the threads, with
  * one barrier between their two passes.
  *
  * Temporaries: a few 256-float buffers per thread, plus per-call tables (9 bytes per CHUNK elements
- * and 64 bytes per tensor). Returns 0, or -1 if those cannot be allocated (nothing is modified then). */
+ * and 80 bytes per tensor). Returns 0, or -1 if those cannot be allocated (nothing is modified then). */
 int rlion8bit_step_many(int64_t count, int dtype, void *const *params, const void *const *grads, uint8_t *const *codes,
                         float *const *absmaxes, const float *const *qmaps, const uint8_t *const *luts,
                         const int64_t *numels, const float *bias_divs, float w1, float w2, int bias_correction,
@@ -652,19 +645,23 @@ int rlion8bit_step_many(int64_t count, int dtype, void *const *params, const voi
     int64_t *chunk_offset = malloc(sizeof(int64_t) * (size_t)count);
     double *chunk_sums = malloc(sizeof(double) * (size_t)chunks);
     uint8_t *chunk_finite = malloc((size_t)chunks);
-    if (!tensors || !chunk_offset || !chunk_sums || !chunk_finite) {
+    int64_t *whole = malloc(sizeof(int64_t) * (size_t)count);
+    if (!tensors || !chunk_offset || !chunk_sums || !chunk_finite || !whole) {
         free(tensors);
         free(chunk_offset);
         free(chunk_sums);
         free(chunk_finite);
+        free(whole);
         return -1;
     }
-    int64_t offset = 0;
+    int64_t offset = 0, n_whole = 0;
     for (int64_t t = 0; t < count; ++t) {
         tensors[t] = (tensor8){params[t], grads[t], codes[t], absmaxes[t], qmaps[t], luts[t], numels[t],
                                bias_correction ? bias_divs[t] : 1.0f};
         chunk_offset[t] = offset;
         offset += chunks_of(numels[t]);
+        if (numels[t] > 0 && numels[t] < split_numel)
+            whole[n_whole++] = t;
     }
     hyper8 h;
     h.dtype = dtype;
@@ -681,13 +678,13 @@ int rlion8bit_step_many(int64_t count, int dtype, void *const *params, const voi
     if (threads < 1)
         threads = 1;
 
-    int64_t next_whole = 0; /* the counter of claim_whole */
+    int64_t next_whole = 0; /* the counter of take_whole */
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         planes_cache cache = {NULL};
         /* tensors below split_numel: one thread each, no synchronisation */
         int64_t t;
-        while ((t = claim_whole(&next_whole, tensors, count, split_numel)) < count) {
+        while ((t = take_whole(&next_whole, whole, n_whole)) >= 0) {
             const tensor8 *x = &tensors[t];
             const int64_t nc = chunks_of(x->numel);
             double *sums = chunk_sums + chunk_offset[t];
@@ -699,7 +696,7 @@ int rlion8bit_step_many(int64_t count, int dtype, void *const *params, const voi
                 continue;
             }
             const float alpha_t = alpha_of(sums, nc, x->numel, alpha, rms_scaling);
-            const tensor8 *next = likely_next(&next_whole, tensors, count, split_numel, omp_get_thread_num());
+            const tensor8 *next = likely_next(&next_whole, whole, n_whole, tensors, omp_get_thread_num());
             for (int64_t c = 0; c < nc; ++c)
                 update_chunk(x, c, &h, alpha_t, next, &cache);
         }
@@ -735,6 +732,7 @@ int rlion8bit_step_many(int64_t count, int dtype, void *const *params, const voi
     free(chunk_offset);
     free(chunk_sums);
     free(chunk_finite);
+    free(whole);
     return 0;
 }
 
