@@ -149,6 +149,8 @@ _lut_by_qmap: dict[int, tuple[weakref.ref, int, Tensor]] = {}
 def _load_kernel() -> Optional[ctypes.CDLL]:
     """The compiled ``_rlion8bit_kernel.c`` with its signatures declared, or ``None``."""
     global _kernel, _kernel_loaded
+    if _kernel_loaded:  # every step asks: no lock once loaded
+        return _kernel
     with _kernel_lock:
         if _kernel_loaded:
             return _kernel
@@ -485,7 +487,7 @@ class RLion8bit(RLionBase):
         if fused is False:
             return None
         reason = _kernel_unsupported_reason(param, grad, state["state1"], state["qmap1"])
-        library = (_kernel if _kernel_loaded else _load_kernel()) if not reason else None
+        library = _load_kernel() if not reason else None
         if library is None and not reason:
             reason = "the C kernel could not be built (see the earlier warning)"
         if fused and reason:
