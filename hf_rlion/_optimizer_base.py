@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -153,9 +153,9 @@ class RLionBase(torch.optim.Optimizer):
             if not p.is_floating_point():
                 raise ValueError(f"{type(self).__name__} needs floating-point parameters, got {p.dtype}")
 
-    def _params_with_grad(self, group: dict) -> Iterator[Tensor]:
-        """The group's parameters that have a gradient; frozen ones (grad None) are skipped."""
-        for p in group["params"]:
+    def _params_with_grad(self, params: Iterable[Tensor]) -> Iterator[Tensor]:
+        """The parameters (of a group) that have a gradient; frozen ones (grad None) are skipped."""
+        for p in params:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:

@@ -628,7 +628,8 @@ static const tensor8 *likely_next(const int64_t *counter, const int64_t *whole, 
  * one barrier between their two passes.
  *
  * Temporaries: a few 256-float buffers per thread, plus per-call tables (9 bytes per CHUNK elements
- * and 80 bytes per tensor). Returns 0, or -1 if those cannot be allocated (nothing is modified then). */
+ * and 80 bytes per tensor). Returns the number of tensors skipped, or -1 if those tables cannot be
+ * allocated (nothing is modified then). */
 int rlion8bit_step_many(int64_t count, int dtype, void *const *params, const void *const *grads, uint8_t *const *codes,
                         float *const *absmaxes, const float *const *qmaps, const uint8_t *const *luts,
                         const int64_t *numels, const float *bias_divs, float w1, float w2, int bias_correction,
@@ -733,7 +734,10 @@ int rlion8bit_step_many(int64_t count, int dtype, void *const *params, const voi
     free(chunk_sums);
     free(chunk_finite);
     free(whole);
-    return 0;
+    int skipped_count = 0;
+    for (int64_t t = 0; t < count; ++t)
+        skipped_count += skipped[t];
+    return skipped_count;
 }
 
 /* table_index alone, for the test against bitsandbytes' formula. */

@@ -159,9 +159,15 @@ def increment_steps(step_tensors: list[Tensor]) -> Optional[list[int]]:
         type(s) is Tensor and s.dtype == torch.float32 and s.is_cpu and s.numel() == 1 for s in step_tensors
     ):
         return None
-    counts = (ctypes.c_int64 * len(step_tensors))()
-    lib.rlion_increment_steps(len(step_tensors), pointer_array(step_tensors), counts)
-    return list(counts)
+    return list(increment_step_pointers(pointer_array(step_tensors)))
+
+
+def increment_step_pointers(pointers: ctypes.Array) -> ctypes.Array:
+    """:func:`increment_steps` on the data pointers of step-count tensors that it accepted before
+    (kept by a caller that reuses them from step to step); the new counts, as a C ``int64`` array."""
+    counts = (ctypes.c_int64 * len(pointers))()
+    _load().rlion_increment_steps(len(pointers), pointers, counts)
+    return counts
 
 
 def split_numel(numels: list[int], threads: int) -> int:

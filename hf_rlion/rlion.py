@@ -261,7 +261,7 @@ class RLion(RLionBase):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            candidates = list(self._params_with_grad(group))
+            candidates = list(self._params_with_grad(group["params"]))
             if not candidates:
                 continue
             implementation = self._implementation(group, candidates)

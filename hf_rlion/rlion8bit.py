@@ -215,14 +215,34 @@ def _lut_of(qmap: Tensor) -> Tensor:
     return lut
 
 
-def fused_update_many_(
+class _KernelTensors:
+    """The per-tensor arguments of ``rlion8bit_step_many`` that stay the same from step to step.
+
+    The state's data pointers (codes, absmax, qmap and its code table, :func:`_lut_of`) and the
+    sizes, as C arrays. It holds the tensors, so the pointers stay valid while it lives.
+    """
+
+    __slots__ = ("count", "codes", "absmaxes", "qmaps", "luts", "numels", "total_numel", "_tensors")
+
+    def __init__(self, codes: list[Tensor], absmaxes: list[Tensor], qmaps: list[Tensor]):
+        luts = [_lut_of(q) for q in qmaps]
+        qmaps = [q.contiguous() for q in qmaps]
+        numels = [c.numel() for c in codes]
+        self.count = len(codes)
+        self.codes, self.absmaxes = pointer_array(codes), pointer_array(absmaxes)
+        self.qmaps, self.luts = pointer_array(qmaps), pointer_array(luts)
+        self.numels = (ctypes.c_int64 * len(numels))(*numels)
+        self.total_numel = sum(numels)
+        self._tensors = (codes, absmaxes, qmaps, luts)
+
+
+def _run_kernel(
     library: ctypes.CDLL,
-    params: list[Tensor],
-    grads: list[Tensor],
-    codes: list[Tensor],
-    absmaxes: list[Tensor],
-    qmaps: list[Tensor],
-    steps: list[int],
+    tensors: _KernelTensors,
+    dtype: torch.dtype,
+    param_pointers: ctypes.Array,
+    grad_pointers: ctypes.Array,
+    steps: Iterable[int],
     *,
     lr: float,
     beta1: float,
@@ -233,9 +253,38 @@ def fused_update_many_(
     bias_correction: bool,
     maximize: bool,
 ) -> list[int]:
+    """One ``rlion8bit_step_many`` call (see :func:`fused_update_many_`); the skipped tensors' indices."""
+    count = tensors.count
+    threads = max(torch.get_num_threads(), 1) if tensors.total_numel >= _PARALLEL_MIN_NUMEL else 1
+    split_numel = fused_cpu.split_numel([tensors.total_numel], threads)
+    bias_divs = (ctypes.c_float * count)(*[1.0 - beta1**s for s in steps]) if bias_correction else None
+    skipped = (ctypes.c_int32 * count)()
+    skipped_count = library.rlion8bit_step_many(
+        count, _KERNEL_DTYPES[dtype], param_pointers, grad_pointers, tensors.codes, tensors.absmaxes, tensors.qmaps,
+        tensors.luts, tensors.numels, bias_divs, 1.0 - beta1, 1.0 - beta2, int(bias_correction), alpha,
+        int(alpha_scaling == "rms"), _TWO_OVER_PI, 1.0 - lr * weight_decay, int(weight_decay != 0.0), -lr,
+        int(maximize), threads, split_numel, skipped,
+    )  # fmt: skip
+    if skipped_count < 0:
+        raise MemoryError("RLion8bit: the 8-bit kernel could not allocate its chunk table")
+    return [i for i, flag in enumerate(skipped) if flag] if skipped_count else []
+
+
+def fused_update_many_(
+    library: ctypes.CDLL,
+    params: list[Tensor],
+    grads: list[Tensor],
+    codes: list[Tensor],
+    absmaxes: list[Tensor],
+    qmaps: list[Tensor],
+    steps: list[int],
+    **hyperparameters: Any,
+) -> list[int]:
     """The step of :func:`rlion8bit_reference_update_` on many CPU tensors, by the C kernel.
 
     All parameters share one dtype (float32 or bfloat16) and their gradients have it too.
+    ``hyperparameters``: ``lr``, ``beta1``, ``beta2``, ``weight_decay``, ``alpha``,
+    ``alpha_scaling``, ``bias_correction``, ``maximize``.
 
     One call, one parallel region for all tensors. Each tensor gets a read pass right before its
     update: under ``alpha_scaling="rms"`` it sums ĉ² (the per-tensor α is then computed as
@@ -246,22 +295,91 @@ def fused_update_many_(
     :func:`hf_rlion.fused_cpu.split_numel` elements are done by one thread each, larger ones split.
     """
     grads = [g.contiguous() for g in grads]
-    luts = [_lut_of(q) for q in qmaps]
-    qmaps = [q.contiguous() for q in qmaps]
-    numels = [p.numel() for p in params]
-    threads = max(torch.get_num_threads(), 1) if sum(numels) >= _PARALLEL_MIN_NUMEL else 1
-    split_numel = fused_cpu.split_numel(numels, threads)
-    skipped = (ctypes.c_int32 * len(params))()
-    status = library.rlion8bit_step_many(
-        len(params), _KERNEL_DTYPES[params[0].dtype], pointer_array(params), pointer_array(grads), pointer_array(codes),
-        pointer_array(absmaxes), pointer_array(qmaps), pointer_array(luts),
-        (ctypes.c_int64 * len(params))(*numels), (ctypes.c_float * len(params))(*[1.0 - beta1**s for s in steps]),
-        1.0 - beta1, 1.0 - beta2, int(bias_correction), alpha, int(alpha_scaling == "rms"), _TWO_OVER_PI,
-        1.0 - lr * weight_decay, int(weight_decay != 0.0), -lr, int(maximize), threads, split_numel, skipped,
-    )  # fmt: skip
-    if status != 0:
-        raise MemoryError("RLion8bit: the 8-bit kernel could not allocate its chunk table")
-    return [i for i, flag in enumerate(skipped) if flag]
+    tensors = _KernelTensors(codes, absmaxes, qmaps)
+    return _run_kernel(
+        library, tensors, params[0].dtype, pointer_array(params), pointer_array(grads), steps, **hyperparameters
+    )
+
+
+class _KernelPlan:
+    """One parameter group's 8-bit kernel call, kept from one step to the next.
+
+    :meth:`RLion8bit.step`'s full path creates state, applies per-parameter overrides and chooses
+    the kernel or the reference for each tensor. Most groups then send all their 8-bit tensors
+    to the kernel in one call, with the same state, step after step. After such a step this
+    keeps that call's fixed part: the kernel's per-tensor arguments (:class:`_KernelTensors`),
+    the parameters' data pointers and the step-count tensors' pointers.
+
+    The next steps use it after :meth:`gradients` has checked that it still holds: the group
+    and the optimizer's state mapping are the same objects; each kernel tensor is the same
+    parameter at the same position of ``group["params"]``, with the same data pointer and the
+    same state dict; its gradient is a dense, contiguous tensor of the parameter's dtype. Any
+    other change sends the step down the full path, which builds the plan again.
+
+    What it saves is Python work per tensor. For 50 tensors right after a 25M-parameter step,
+    when Python's objects are out of cache, that is ~0.5 ms a step (see ``docs/8bit.md``).
+    """
+
+    __slots__ = ("group", "state_map", "length", "positions", "params", "states", "dtype", "param_pointers",
+                 "step_pointers", "tensors", "others")  # fmt: skip
+
+    def __init__(self, group: dict, state_map: dict, params: list[Tensor], states: list[dict]):
+        position = {id(p): i for i, p in enumerate(group["params"])}
+        self.group, self.state_map, self.length = group, state_map, len(group["params"])
+        self.positions = tuple(position[id(p)] for p in params)
+        self.params, self.states, self.dtype = tuple(params), tuple(states), params[0].dtype
+        self.param_pointers = pointer_array(params)
+        self.step_pointers = pointer_array([state["step"] for state in states])
+        self.tensors = _KernelTensors(
+            [state["state1"] for state in states], [state["absmax1"] for state in states],
+            [state["qmap1"] for state in states],
+        )  # fmt: skip
+        kernel = set(self.positions)
+        # the group's other parameters, left to the full path's per-tensor handling every step
+        self.others = tuple(i for i in range(self.length) if i not in kernel)
+
+    def gradients(self, group: dict, state_map: dict) -> Optional[tuple[ctypes.Array, tuple[int, ...]]]:
+        """The kernel tensors' gradients (their data pointers, as a C array) and the positions of the
+        group's other parameters, or ``None`` if the plan no longer holds."""
+        if group is not self.group or state_map is not self.state_map or group["fused"] is False:
+            return None
+        params = group["params"]
+        if len(params) != self.length:
+            return None
+        grad_pointers = []
+        dtype, strided = self.dtype, torch.strided
+        for position, param, state, pointer in zip(self.positions, self.params, self.states, self.param_pointers):
+            grad = param.grad
+            if (
+                params[position] is not param
+                or type(grad) is not Tensor
+                or grad.layout is not strided
+                or grad.dtype is not dtype
+                or not grad.is_contiguous()
+                or param.data_ptr() != pointer
+                or state_map.get(param) is not state
+            ):
+                return None
+            grad_pointers.append(grad.data_ptr())
+        return (ctypes.c_void_p * len(grad_pointers))(*grad_pointers), self.others
+
+
+def _plannable(kernel_batches: dict, group_key: tuple, checked_here: list, any_skipped: bool) -> bool:
+    """Whether a full-path step of a group can leave a :class:`_KernelPlan` for the next: its 8-bit
+    tensors all went to the kernel in one call with the group's own hyperparameters, none was skipped,
+    every other tensor has RLion's 32-bit state, and the step counts are float32 CPU scalars (what
+    :func:`hf_rlion.fused_cpu.increment_step_pointers` takes)."""
+    if any_skipped or len(kernel_batches) != 1:
+        return False
+    ((_, key), items), = kernel_batches.items()
+    return (
+        key == group_key
+        and all("exp_avg" in state for _, state, _, _ in checked_here)
+        and all(
+            type(s) is Tensor and s.dtype == torch.float32 and s.is_cpu and s.numel() == 1
+            for s in (state["step"] for _, state, _ in items)
+        )
+    )
 
 
 def fast_atan(x: Tensor) -> Tensor:
@@ -411,9 +529,14 @@ class RLion8bit(RLionBase):
         )
         _validate_8bit_options(defaults)
         self._overrides: dict[int, dict[str, Any]] = {}
+        self._kernel_plans: dict[int, _KernelPlan] = {}  # by group index; see _KernelPlan
         self._warned_paging = False
         self._warned_ignored_overrides = False
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._kernel_plans = {}  # load_state_dict: the plans hold the state before
 
     # -- construction -------------------------------------------------------------------------
 
@@ -507,6 +630,28 @@ class RLion8bit(RLionBase):
                 loss = closure()
         any_paged = False
         for group_index, group in enumerate(self.param_groups):
+            # the group's hyperparameters, built once: most tensors have no override
+            group_hyperparameters = self._hyperparameters(group, {})
+            plan = self._kernel_plans.pop(group_index, None)
+            planned = plan.gradients(group, self.state) if plan is not None else None
+            if planned is not None:  # the plan holds: its tensors in one kernel call, the rest below
+                grad_pointers, other_positions = planned
+                steps = fused_cpu.increment_step_pointers(plan.step_pointers)
+                skipped = _run_kernel(
+                    _load_kernel(), plan.tensors, plan.dtype, plan.param_pointers, grad_pointers, steps,
+                    **group_hyperparameters,
+                )  # fmt: skip
+                if skipped:  # the undo may drop state: the next step takes the full path
+                    self._undo_kernel_skips([plan.params[i] for i in skipped])
+                else:
+                    self._kernel_plans[group_index] = plan
+                if not other_positions:
+                    continue
+                group_params = group["params"]
+                candidates = self._params_with_grad([group_params[i] for i in other_positions])
+            else:
+                candidates = self._params_with_grad(group["params"])
+            group_key = tuple(sorted(group_hyperparameters.items()))  # the batch key of tensors without overrides
             positions: Optional[dict[int, int]] = None  # built only when a tensor is new
             # RLion-state tensors, batched by their (possibly overridden) hyperparameters.
             batches: dict[tuple, tuple[list, list, list, list]] = defaultdict(lambda: ([], [], [], []))
@@ -516,10 +661,7 @@ class RLion8bit(RLionBase):
             # right before each update (the gradient is then in cache); every other tensor is checked
             # here first, in one separate pass.
             kernel_items, checked_here = [], []
-            # the group's hyperparameters and their batch key, built once: most tensors have no override
-            group_hyperparameters = self._hyperparameters(group, {})
-            group_key = tuple(sorted(group_hyperparameters.items()))
-            for p in self._params_with_grad(group):
+            for p in candidates:
                 state = self.state[p]
                 overrides = self._overrides.get(id(p))
                 if overrides is None:
@@ -558,6 +700,7 @@ class RLion8bit(RLionBase):
             counts = self._count_steps([state["step"] for _, state, _, _ in kernel_items], by_kernel=True)
             for (p, state, _, key), count in zip(kernel_items, counts):
                 kernel_batches[(p.dtype, key)].append((p, state, count))
+            any_skipped = False
             for (_, key), items in kernel_batches.items():
                 skipped = fused_update_many_(
                     _load_kernel(),
@@ -570,12 +713,21 @@ class RLion8bit(RLionBase):
                     **dict(key),
                 )
                 self._undo_kernel_skips([items[i][0] for i in skipped])
+                any_skipped = any_skipped or bool(skipped)
             for key, (params, grads, exp_avgs, steps) in batches.items():
                 hyperparameters = dict(key)
                 # RLion's own choice of implementation (fused CPU kernel / foreach / per tensor).
                 rlion_group = {"fused": None if group["fused"] else group["fused"], "foreach": group["foreach"]}
                 implementation = RLion._implementation(self, rlion_group, params)
                 implementation(params, grads, exp_avgs, steps, **hyperparameters)
+            if planned is not None:
+                if kernel_batches:  # a tensor new to the kernel: plan again next step, with it
+                    self._kernel_plans.pop(group_index, None)
+            elif _plannable(kernel_batches, group_key, checked_here, any_skipped):
+                (_, items), = kernel_batches.items()
+                self._kernel_plans[group_index] = _KernelPlan(
+                    group, self.state, [p for p, _, _ in items], [state for _, state, _ in items]
+                )
         if any_paged and torch.cuda.is_available():
             torch.cuda.synchronize()  # paged prefetches are asynchronous, as in bitsandbytes
         return loss

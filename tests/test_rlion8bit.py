@@ -459,6 +459,104 @@ def test_kernel_checks_each_tensor_itself_like_the_reference(alpha_scaling, bad_
     assert fused_opt.state[fused_params[0]]["step"] == 2 and fused_opt.state[fused_params[3]]["step"] == 3
 
 
+@needs_kernel
+def test_kernel_plan_steps_exactly_like_the_full_path_through_every_change_it_must_notice():
+    """After a step whose 8-bit tensors all went to the kernel, a group keeps a _KernelPlan and later
+    steps skip the per-tensor Python work. Two optimizers, one with plans and one sent down the full
+    path every step, stay bit-identical (parameters and every state tensor) through the changes a
+    stale plan would get wrong: a gradient missing, a non-contiguous gradient, new parameter data,
+    a new learning rate, a NaN gradient, load_state_dict, a state dict replaced by hand, the group's
+    parameters reordered, a tensor new to the group, ``fused=False``. Each change meets a plan in
+    use (one that a plain step has already reused, not built)."""
+    torch.manual_seed(0)
+    shapes = [[(5000,), (96, 80), (100,)], [(4096,), (7,)]]  # (100,) and (7,): RLion's 32-bit state
+    start = [[torch.randn(s) for s in group] for group in shapes]
+    runs = []
+    for use_plans in (True, False):
+        params = [[nn.Parameter(t.clone()) for t in group] for group in start]
+        opt = RLion8bit(
+            [{"params": params[0]}, {"params": params[1], "weight_decay": 0.1, "alpha_scaling": "fixed"}], lr=1e-2
+        )
+        runs.append((use_plans, params, opt))
+
+    def step(change=None):
+        generator = torch.Generator().manual_seed(len(history))
+        grads = [[torch.randn(s, generator=generator) * 1e-3 for s in group] for group in shapes]
+        for use_plans, params, opt in runs:
+            for group_params, group_grads in zip(params, grads):
+                for p, g in zip(group_params, group_grads):
+                    p.grad = g.clone()
+            if change is not None:
+                change(params, opt)
+            if not use_plans:
+                opt._kernel_plans.clear()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                opt.step()
+        (_, params_a, opt_a), (_, params_b, opt_b) = runs
+        for a, b in zip(sum(params_a, []), sum(params_b, [])):
+            assert torch.equal(a.detach(), b.detach()), (len(history), tuple(a.shape))
+            state_a, state_b = opt_a.state.get(a, {}), opt_b.state.get(b, {})
+            assert state_a.keys() == state_b.keys()
+            for key in state_a:
+                assert torch.equal(state_a[key], state_b[key]), (len(history), tuple(a.shape), key)
+        history.append(dict(opt_a._kernel_plans))
+
+    def no_grad(params, opt):
+        params[0][1].grad = None
+
+    def transposed_grad(params, opt):
+        params[0][1].grad = params[0][1].grad.t().contiguous().t()
+        assert not params[0][1].grad.is_contiguous()
+
+    def new_data(params, opt):
+        params[0][0].data = params[0][0].data.clone()
+
+    def new_lr(params, opt):
+        opt.param_groups[0]["lr"] = 3e-3
+        opt.param_groups[1]["lr"] = 5e-3
+
+    def nan_grad(params, opt):
+        params[1][0].grad[11] = math.nan
+
+    def reload(params, opt):
+        opt.load_state_dict(opt.state_dict())
+
+    def state_by_hand(params, opt):
+        opt.state[params[0][1]] = {key: value.clone() for key, value in opt.state[params[0][1]].items()}
+
+    def reordered(params, opt):
+        opt.param_groups[1]["params"].reverse()
+
+    def reference_path(params, opt):
+        opt.param_groups[0]["fused"] = False
+
+    def new_tensor(params, opt):
+        p = nn.Parameter(start[0][0][:4200].clone())
+        p.grad = torch.full_like(p, 1e-3)
+        params[0].append(p)
+        opt.param_groups[0]["params"].append(p)
+
+    history: list[dict] = []
+    step()
+    assert set(history[-1]) == {0, 1}  # both groups planned (each has a 32-bit tensor beside its 8-bit ones)
+    step()
+    assert history[1] == history[0]  # the plans were used, not built again
+    changes = (no_grad, transposed_grad, new_data, new_lr, nan_grad, reload, state_by_hand, reordered, new_tensor)
+    for change in changes:
+        for _ in range(4):  # plain steps until one uses the plans built before it: the change meets them
+            step()
+            if set(history[-1]) == {0, 1} and history[-1] == history[-2]:
+                break
+        assert set(history[-1]) == {0, 1} and history[-1] == history[-2], change.__name__
+        step(change)
+    assert runs[0][2].nonfinite_skips == runs[1][2].nonfinite_skips == 1
+    step()
+    step()
+    assert any(p is runs[0][1][0][-1] for p in history[-1][0].params)  # the new tensor is in group 0's plan
+    step(reference_path)  # fused=False set after the plan was built: the reference path, as asked
+
+
 def test_fsdp_dtensor_parameters_are_refused(tmp_path):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
