@@ -76,6 +76,20 @@ class RLionBase(torch.optim.Optimizer):
         self.nonfinite_skips = 0
         self._warned_nonfinite = False
 
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["nonfinite_skips"], state["_warned_nonfinite"] = self.nonfinite_skips, self._warned_nonfinite
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickling and ``copy.deepcopy``: torch keeps only ``defaults``, ``state`` and
+        ``param_groups`` (this class adds the NaN/inf skip count and its warn-once flag); the other
+        attributes of this package's optimizers come back with their initial values.
+        ``load_state_dict`` comes here too."""
+        super().__setstate__(state)
+        self.__dict__.setdefault("nonfinite_skips", 0)
+        self.__dict__.setdefault("_warned_nonfinite", False)
+
     def _skip_nonfinite(self, params: list[Tensor]) -> list[Tensor]:
         """The non-finite-gradient policy: drop tensors whose gradient holds NaN/inf from this step.
 

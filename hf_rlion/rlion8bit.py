@@ -536,7 +536,11 @@ class RLion8bit(RLionBase):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self._kernel_plans = {}  # load_state_dict: the plans hold the state before
+        # Overrides are remembered by id(param): a copy has new parameters, so they are read again.
+        self.__dict__.setdefault("_overrides", {})
+        self.__dict__.setdefault("_warned_paging", False)
+        self.__dict__.setdefault("_warned_ignored_overrides", False)
+        self._kernel_plans = {}  # they hold the state before (load_state_dict) or the original's tensors (a copy)
 
     # -- construction -------------------------------------------------------------------------
 

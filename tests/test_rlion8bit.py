@@ -3,6 +3,7 @@ round-trips through checkpoints bit for bit, and a C kernel that reproduces bits
 
 from __future__ import annotations
 
+import copy
 import importlib
 import io
 import math
@@ -320,6 +321,42 @@ def test_save_torch_load_weights_only_and_continue_bit_identically(dtype, fused)
     _train(model, opt, 3, seed=2)
     _train(resumed, opt2, 3, seed=2)
     for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, opt2.state[q][key]), key
+
+
+@pytest.mark.parametrize("optimizer_class", [RLion, RLion8bit])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_or_pickled_optimizer_continues_like_the_original(optimizer_class, how):
+    """torch pickles an optimizer (and copy.deepcopy copies it) as defaults, state and param_groups
+    only; what this package adds on top (override cache, kernel plans, the NaN/inf skip count and
+    its warn-once flag) comes back usable: the copy steps bit-identically to the original, skips
+    like it, keeps the count and does not warn again. Before, its first step raised
+    AttributeError."""
+    model = _model()
+    opt = optimizer_class(model.parameters(), lr=1e-2, weight_decay=0.1, **({} if optimizer_class is RLion else
+                          {"min_8bit_size": 1000}))  # fmt: skip
+    _train(model, opt, 3, seed=1)
+    model[0].weight.grad[0, 0] = math.nan
+    with pytest.warns(RuntimeWarning, match="NaN/inf"):
+        opt.step()
+    if how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))
+    else:
+        buffer = io.BytesIO()
+        torch.save((model, opt), buffer)
+        buffer.seek(0)
+        model2, opt2 = torch.load(buffer, weights_only=False)
+    assert opt2.nonfinite_skips == opt.nonfinite_skips == 1
+    for m, o in ((model, opt), (model2, opt2)):
+        _train(m, o, 3, seed=2)
+        m[2].bias.grad[0] = math.inf
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # the copy has warned, as the original has
+            o.step()
+    assert opt2.nonfinite_skips == opt.nonfinite_skips == 2
+    for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
         for key, value in opt.state[p].items():
             assert torch.equal(value, opt2.state[q][key]), key
