@@ -26,7 +26,7 @@ The kernel uses ``torch.get_num_threads()`` threads.
 from __future__ import annotations
 
 import ctypes
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -147,17 +147,19 @@ def _kernel_eligible(p: Tensor, g: Tensor, m: Tensor) -> bool:
     )
 
 
+def steps_countable(step_tensors: Iterable[Tensor]) -> bool:
+    """Whether the C step counter takes these step-count tensors: all float32 CPU scalars (what
+    RLion creates and ``torch.load`` restores)."""
+    return all(type(s) is Tensor and s.dtype == torch.float32 and s.is_cpu and s.numel() == 1 for s in step_tensors)
+
+
 def increment_steps(step_tensors: list[Tensor]) -> Optional[list[int]]:
     """``step += 1`` for each of an optimizer's step-count tensors by one C call; the new counts.
 
-    Only when they are all float32 CPU scalars (what RLion creates and ``torch.load`` restores)
-    and the kernel is loaded; ``None`` otherwise (use torch's ``_foreach_add_``, ~1.5 µs per
-    scalar on the CPU, against ~0.2 µs here).
+    Only when :func:`steps_countable` and the kernel is loaded; ``None`` otherwise (use torch's
+    ``_foreach_add_``, ~1.5 µs per scalar on the CPU, against ~0.2 µs here).
     """
-    lib = _load()
-    if lib is None or not all(
-        type(s) is Tensor and s.dtype == torch.float32 and s.is_cpu and s.numel() == 1 for s in step_tensors
-    ):
+    if _load() is None or not steps_countable(step_tensors):
         return None
     return list(increment_step_pointers(pointer_array(step_tensors)))
 

@@ -367,18 +367,15 @@ class _KernelPlan:
 def _plannable(kernel_batches: dict, group_key: tuple, checked_here: list, any_skipped: bool) -> bool:
     """Whether a full-path step of a group can leave a :class:`_KernelPlan` for the next: its 8-bit
     tensors all went to the kernel in one call with the group's own hyperparameters, none was skipped,
-    every other tensor has RLion's 32-bit state, and the step counts are float32 CPU scalars (what
-    :func:`hf_rlion.fused_cpu.increment_step_pointers` takes)."""
+    every other tensor has RLion's 32-bit state, and the C step counter takes the step counts
+    (:func:`hf_rlion.fused_cpu.steps_countable`)."""
     if any_skipped or len(kernel_batches) != 1:
         return False
     ((_, key), items), = kernel_batches.items()
     return (
         key == group_key
         and all("exp_avg" in state for _, state, _, _ in checked_here)
-        and all(
-            type(s) is Tensor and s.dtype == torch.float32 and s.is_cpu and s.numel() == 1
-            for s in (state["step"] for _, state, _ in items)
-        )
+        and fused_cpu.steps_countable(state["step"] for _, state, _ in items)
     )
 
 
