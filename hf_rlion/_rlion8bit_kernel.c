@@ -290,6 +290,9 @@ typedef struct {
     float two_over_pi, decay_factor, neg_lr;
 } hyper8;
 
+/* Bytes per parameter or gradient value (they share the dtype). */
+static inline int64_t value_bytes(const hyper8 *h) { return h->dtype == DTYPE_BF16 ? 2 : 4; }
+
 /* The gradient of block [start, start + len) of a tensor as float32 (widened into `wide` for bfloat16). */
 static inline const float *grad_block(const hyper8 *h, const void *grad, int64_t start, int64_t len, float *wide) {
     if (h->dtype != DTYPE_BF16)
@@ -525,7 +528,7 @@ static inline void prefetch_next_read(const tensor8 *x, const tensor8 *next, int
     const int64_t blocks = (x->numel + BLOCK - 1) / BLOCK, next_blocks = (next->numel + BLOCK - 1) / BLOCK;
     const int64_t lo = b * next_blocks / blocks * BLOCK, hi = (b + 1) * next_blocks / blocks * BLOCK;
     const int64_t end = hi < next->numel ? hi : next->numel;
-    const int64_t grad_bytes = h->dtype == DTYPE_BF16 ? 2 : 4;
+    const int64_t grad_bytes = value_bytes(h);
     for (int64_t k = lo * grad_bytes; k < end * grad_bytes; k += 64)
         __builtin_prefetch((const char *)next->grad + k, 0, 0);
     for (int64_t k = lo; k < end; k += 64)
@@ -540,7 +543,7 @@ static inline void prefetch_next_read(const tensor8 *x, const tensor8 *next, int
  * parameters in 50 tensors): the read pass 0.225 -> 0.193 ns per element (0.16 when its data is in
  * L3), the step 2.5 % faster on two threads and 1-3 % on one. */
 static void touch_pages(const tensor8 *next, const hyper8 *h) {
-    const int64_t grad_bytes = next->numel * (h->dtype == DTYPE_BF16 ? 2 : 4);
+    const int64_t grad_bytes = next->numel * value_bytes(h);
     uint8_t sink = 0;
     for (int64_t k = 0; k < grad_bytes; k += 4096)
         sink ^= *(volatile const uint8_t *)((const char *)next->grad + k);
@@ -559,7 +562,7 @@ static void update_chunk(const tensor8 *x, int64_t c, const hyper8 *h, float alp
     const qmap_planes *planes = planes_of(cache, x->qmap);
     pending_codes pend;
     pend.len = 0;
-    const int64_t param_bytes = h->dtype == DTYPE_BF16 ? 2 : 4;
+    const int64_t param_bytes = value_bytes(h);
     for (int64_t b = first; b < last; ++b) {
         const int64_t start = b * BLOCK, len = start + BLOCK < n ? BLOCK : n - start;
         if (start + (PREFETCH_BLOCKS + 1) * BLOCK <= n) {
