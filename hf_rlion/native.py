@@ -190,7 +190,10 @@ def _secure_cache_dir() -> Path:
     st = os.stat(directory)
     if not stat.S_ISDIR(st.st_mode):
         raise UntrustedFile(f"{directory} is not a directory")
-    _check_owner_and_mode(st, directory)
+    try:
+        _check_owner_and_mode(st, directory)
+    except UntrustedFile as err:
+        raise UntrustedFile(f"{err}; make it private (chmod 700) or set HF_RLION_CACHE to a private directory") from None
     return directory
 
 
@@ -385,6 +388,8 @@ def _type_name(ctype: Any) -> str:
     """``void``, ``p`` (any pointer), ``i8``..``i64``/``u8``..``u64`` or ``f32``/``f64`` for a ctypes type."""
     if ctype is None:
         return "void"
+    if isinstance(ctype, type) and issubclass(ctype, ctypes._Pointer):
+        return "p"
     code = getattr(ctype, "_type_", None)
     if code in _TYPE_CODES:
         return _TYPE_CODES[code]
