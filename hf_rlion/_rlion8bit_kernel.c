@@ -767,3 +767,11 @@ void rlion8bit_atan_f32(const float *x, float *out, int64_t n) {
     for (int64_t i = 0; i < n; ++i)
         out[i] = fast_atanf(x[i]);
 }
+
+/* The exported functions' prototypes (i32/i64 integers, f32 floats, p any pointer), which
+ * hf_rlion/rlion8bit.py compares with its ctypes declarations before using this library. */
+const char *rlion8bit_abi_signature(void) {
+    return "i32 rlion8bit_step_many(i64,i32,p,p,p,p,p,p,p,p,f32,f32,i32,f32,i32,f32,f32,i32,f32,i32,i32,i64,p);"
+           "void rlion8bit_atan_f32(p,p,i64);"
+           "void rlion8bit_table_index(p,p,i64)";
+}

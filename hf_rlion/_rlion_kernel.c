@@ -30,7 +30,6 @@
 #include <float.h>
 #include <omp.h>
 
-#define RLION_ABI_VERSION 3
 #define CHUNK 16384
 /* the sum of squares of "rms" adds in float within blocks of this many elements (each SIMD lane
  * adds 16-32 of them: ~1e-6 relative error) and in double across blocks; double throughout cost
@@ -42,7 +41,15 @@
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 
-int rlion_abi_version(void) { return RLION_ABI_VERSION; }
+/* The exported functions' prototypes (i32/i64/u64 integers, f32 floats, p any pointer), which
+ * hf_rlion/fused_cpu.py compares with its ctypes declarations before using this library. */
+const char *rlion_abi_signature(void) {
+    return "i32 rlion_step(i32,p,p,p,p,p,p,f32,f32,f32,f32,f32,i32,i32,i64,i32,i32,p);"
+           "void rlion_atan_f32(p,p,i64,i32);"
+           "i64 rlion_atan_check(u64,u64,p,p,p,i32);"
+           "void rlion_increment_steps(i32,p,p);"
+           "void rlion_finite_mask(i32,p,p,p,p,i32)";
+}
 
 /* ------------------------------------------------------------------------------------------
  * arctan in float32, branch-free so that it vectorises.

@@ -37,7 +37,6 @@ from .native import pointer_array
 __all__ = ["is_supported", "check_supported", "fused_rlion", "atan", "finite_mask", "kernel_available"]
 
 _KERNEL_SOURCE = "_rlion_kernel.c"
-_ABI_VERSION = 3
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 #: A tensor with fewer elements than this is read (RMS reduction, NaN/inf check) and updated by one
 #: thread, with no synchronisation; larger ones are split across threads. The threshold is raised
@@ -49,43 +48,48 @@ _library: Optional[ctypes.CDLL] = None
 _library_loaded = False
 
 
+#: The kernel's exported functions (name -> restype, argtypes), checked against its rlion_abi_signature().
+_KERNEL_FUNCTIONS = {
+    "rlion_step": (
+        ctypes.c_int32,
+        [
+            ctypes.c_int32,  # n
+            ctypes.c_void_p,  # params
+            ctypes.c_void_p,  # grads
+            ctypes.c_void_p,  # exp_avgs
+            ctypes.c_void_p,  # numels
+            ctypes.c_void_p,  # dtypes
+            ctypes.c_void_p,  # inv_bias_correction
+            ctypes.c_float,  # w1
+            ctypes.c_float,  # w2
+            ctypes.c_float,  # lr
+            ctypes.c_float,  # weight_decay
+            ctypes.c_float,  # alpha
+            ctypes.c_int32,  # rms
+            ctypes.c_int32,  # maximize
+            ctypes.c_int64,  # split_numel
+            ctypes.c_int32,  # num_threads
+            ctypes.c_int32,  # check_finite
+            ctypes.c_void_p,  # skipped (int32 per tensor, out)
+        ],
+    ),
+    "rlion_atan_f32": (None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32]),
+    # first, last, counts, worst_ulp, worst_bits, num_threads (benchmarks/atan_exhaustive.py)
+    "rlion_atan_check": (
+        ctypes.c_int64,
+        [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32],
+    ),
+    "rlion_increment_steps": (None, [ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p]),
+    "rlion_finite_mask": (None, [ctypes.c_int32] + [ctypes.c_void_p] * 4 + [ctypes.c_int32]),
+}
+
+
 def _load() -> Optional[ctypes.CDLL]:
-    """The compiled kernel, or ``None`` (no compiler, build failure, ``HF_RLION_NATIVE=0``)."""
+    """The compiled kernel, or ``None`` (no compiler, build failure, ``HF_RLION_NATIVE=0``, see :mod:`.native`)."""
     global _library, _library_loaded
     if _library_loaded:
         return _library
-    lib = native.load(_KERNEL_SOURCE)
-    if lib is not None:
-        if lib.rlion_abi_version() != _ABI_VERSION:
-            lib = None
-        else:
-            lib.rlion_step.restype = ctypes.c_int
-            lib.rlion_step.argtypes = [
-                ctypes.c_int32,  # n
-                ctypes.c_void_p,  # params
-                ctypes.c_void_p,  # grads
-                ctypes.c_void_p,  # exp_avgs
-                ctypes.c_void_p,  # numels
-                ctypes.c_void_p,  # dtypes
-                ctypes.c_void_p,  # inv_bias_correction
-                ctypes.c_float,  # w1
-                ctypes.c_float,  # w2
-                ctypes.c_float,  # lr
-                ctypes.c_float,  # weight_decay
-                ctypes.c_float,  # alpha
-                ctypes.c_int32,  # rms
-                ctypes.c_int32,  # maximize
-                ctypes.c_int64,  # split_numel
-                ctypes.c_int32,  # num_threads
-                ctypes.c_int32,  # check_finite
-                ctypes.c_void_p,  # skipped (int32 per tensor, out)
-            ]
-            lib.rlion_atan_f32.restype = None
-            lib.rlion_atan_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
-            lib.rlion_increment_steps.restype = None
-            lib.rlion_increment_steps.argtypes = [ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p]
-            lib.rlion_finite_mask.restype = None
-            lib.rlion_finite_mask.argtypes = [ctypes.c_int32] + [ctypes.c_void_p] * 4 + [ctypes.c_int32]
+    lib = native.load(_KERNEL_SOURCE, _KERNEL_FUNCTIONS, "rlion_abi_signature")
     _library, _library_loaded = lib, True
     return lib
 

@@ -146,6 +146,19 @@ _lut_cache: dict[bytes, Tensor] = {}
 _lut_by_qmap: dict[int, tuple[weakref.ref, int, Tensor]] = {}
 
 
+_p, _i64, _f32, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+#: The kernel's exported functions (name -> restype, argtypes), checked against its rlion8bit_abi_signature().
+_KERNEL_FUNCTIONS = {
+    "rlion8bit_step_many": (
+        _i32,
+        [_i64, _i32, _p, _p, _p, _p, _p, _p, _p, _p, _f32, _f32, _i32]
+        + [_f32, _i32, _f32, _f32, _i32, _f32, _i32, _i32, _i64, _p],
+    ),
+    "rlion8bit_atan_f32": (None, [_p, _p, _i64]),
+    "rlion8bit_table_index": (None, [_p, _p, _i64]),
+}
+
+
 def _load_kernel() -> Optional[ctypes.CDLL]:
     """The compiled ``_rlion8bit_kernel.c`` with its signatures declared, or ``None``."""
     global _kernel, _kernel_loaded
@@ -154,16 +167,7 @@ def _load_kernel() -> Optional[ctypes.CDLL]:
     with _kernel_lock:
         if _kernel_loaded:
             return _kernel
-        library = native.load("_rlion8bit_kernel.c")
-        if library is not None:
-            p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-            library.rlion8bit_step_many.argtypes = [i64, i32, p, p, p, p, p, p, p, p, f32, f32, i32]
-            library.rlion8bit_step_many.argtypes += [f32, i32, f32, f32, i32, f32, i32, i32, i64, p]
-            library.rlion8bit_step_many.restype = ctypes.c_int
-            library.rlion8bit_atan_f32.argtypes = [p, p, i64]
-            library.rlion8bit_atan_f32.restype = None
-            library.rlion8bit_table_index.argtypes = [p, p, i64]
-            library.rlion8bit_table_index.restype = None
+        library = native.load("_rlion8bit_kernel.c", _KERNEL_FUNCTIONS, "rlion8bit_abi_signature")
         _kernel, _kernel_loaded = library, True
         return library
 
