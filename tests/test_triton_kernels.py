@@ -87,6 +87,13 @@ def _atan_body() -> None:
     assert torch.equal(ours[~nan].signbit(), x[~nan].signbit())
 
 
+def _own_rounding(dtype) -> float:
+    """The relative rounding step of storing a float32 result as ``dtype`` (0 for float32 itself)."""
+    import torch
+
+    return 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps
+
+
 def _rlion_case(scaling: str, maximize: bool, device_steps: bool):
     """Tensors of three dtypes (three dtype groups in one call) and awkward sizes, a float64 copy each."""
     import torch
@@ -115,9 +122,9 @@ def _rlion_reference_body(scaling: str, maximize: bool, device_steps: bool) -> N
     for (p64, g64, m64), step, p, m in zip(wide, step_list, params, exp_avgs):
         rlion_update_(p64, g64, m64, step, **hyperparameters)
         assert p.shape == p64.shape and m.shape == m64.shape
-        # the parameter: its own rounding (half an ulp of its dtype), the float32 rounding of p * decay
-        # (half an ulp of float32) and float32 arithmetic on the step
-        eps = torch.finfo(p.dtype).eps / 2 + torch.finfo(torch.float32).eps / 2
+        # the parameter: two float32 roundings (p * decay, the fma: one float32 ulp together), then its
+        # own rounding (half an ulp of bfloat16/float16), plus float32 arithmetic on the step
+        eps = _own_rounding(p.dtype) / 2 + torch.finfo(torch.float32).eps
         tolerance = p64.abs() * eps + HYPERPARAMETERS["lr"] * 1e-5
         assert ((p.double() - p64).abs() <= tolerance).all(), (p.dtype, (p.double() - p64).abs().max())
         m_tolerance = (m64.abs() + g64.abs()) * 4 * torch.finfo(torch.float32).eps
@@ -251,7 +258,9 @@ def _rlion8bit_round_trip_body(scaling: str) -> None:
             rlion8bit_reference_update_(ref[0][i], grads[i], ref[1][i], ref[2][i], qmap, step, **hyperparameters)
             if params[i].numel() == 0:
                 continue
-            eps = torch.finfo(params[i].dtype).eps / 2 + torch.finfo(torch.float32).eps
+            # two float32 results each within one float32 ulp of the exact step, then both rounded to the
+            # parameter's dtype: they may land one bfloat16/float16 ulp apart
+            eps = _own_rounding(params[i].dtype) + 2 * torch.finfo(torch.float32).eps
             tolerance = ref[0][i].double().abs() * eps + HYPERPARAMETERS["lr"] * 1e-5
             assert ((params[i].double() - ref[0][i].double()).abs() <= tolerance).all(), (step, i)
             # absmax: the same max |m'| up to float32 arithmetic; codes: nearest (here) or table-nearest
