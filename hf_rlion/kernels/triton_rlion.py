@@ -34,8 +34,9 @@ sizes and dtypes: it holds no tensor). Under ``TRITON_INTERPRET=1`` this works f
 interpreter are not supported (the interpreter copies kernel arguments to the host, but not the
 tensors a pointer table refers to).
 
-Memory traffic per float32 parameter: the update reads p, g, m and writes p, m (20 bytes); the
-pre-pass reads g (and m under ``"rms"``): 4-8 bytes more. bfloat16/float16 parameters: 12 + 2-6 bytes.
+Memory traffic per parameter: the update reads p, g, m and writes p, m (20 bytes for float32
+parameters, 14 for bfloat16/float16); the pre-pass reads g, and m under ``"rms"`` (4-8 bytes more
+for float32, 2-6 for 16-bit parameters).
 """
 
 from __future__ import annotations

@@ -23,8 +23,10 @@ the requantisation (:func:`quantize_nearest`):
 
 Launches per step and parameter dtype: pre-pass (``"rms"`` or ``check_finite``), scale, update,
 as in :mod:`.triton_rlion`. Memory traffic per float32 parameter: the update reads p, g, codes and
-writes p, codes (4 + 4 + 1 + 4 + 1 = 14 bytes, plus 8 bytes per 256 for absmax); the pre-pass reads
-g (and the codes under ``"rms"``): 4-5 bytes more.
+writes p, codes (4 + 4 + 1 + 4 + 1 = 14 bytes, plus 8 bytes per 256 for absmax; 8 bytes for
+bfloat16/float16 parameters); the pre-pass reads g (and the codes under ``"rms"``): 4-5 bytes more
+(2-3 for 16-bit parameters). The midpoints of a new ``qmap`` are computed once on the host
+(:func:`midpoints_of`, one read of the map: the only synchronisation, at the first step).
 """
 
 from __future__ import annotations
