@@ -170,6 +170,28 @@ def _nonfinite_body(scaling: str) -> None:
     assert flags.tolist() == [0, 0] and not torch.equal(params[1], before[1][0])
 
 
+def _new_gradients_body() -> None:
+    import torch
+
+    from hf_rlion.kernels.triton_rlion import fused_rlion
+
+    params = [torch.randn(1500), torch.randn(10)]
+    exp_avgs = [torch.zeros(1500), torch.zeros(10)]
+    hyperparameters = dict(HYPERPARAMETERS, alpha_scaling="fixed", maximize=False)
+    first = [torch.randn(1500), torch.randn(10)]
+    assert fused_rlion(params, first, exp_avgs, [1, 1], block_size=1024, **hyperparameters).tolist() == [0, 0]
+    second = [torch.randn(1500), torch.full((10,), math.nan)]  # the same parameters, new gradient tensors
+    del first
+    before = params[1].clone()
+    assert fused_rlion(params, second, exp_avgs, [2, 2], block_size=1024, **hyperparameters).tolist() == [0, 1]
+    assert torch.equal(params[1], before)
+    # new state tensors for the same parameters: their own pointers are used
+    fresh = [torch.zeros(1500), torch.zeros(10)]
+    second[1].zero_()
+    fused_rlion(params, second, fresh, [1, 1], block_size=1024, **hyperparameters)
+    assert fresh[0].abs().sum() > 0 and torch.equal(fresh[1], torch.zeros(10))
+
+
 def _nearest_codes_reference(values, qmap):
     """Brute force: bitsandbytes' normalisation v = x * (1 / absmax) in float32 (tiny blocks scaled by
     2^64 first), then the index of the nearest qmap entry by exact distance, ties to the lower index."""
@@ -343,6 +365,12 @@ def test_rlion_nonfinite_gradient_leaves_tensor_untouched(interpreter, scaling):
     """A NaN/inf gradient anywhere in a tensor: parameter and momentum bit-identical, flag 1 on the
     device; other tensors of the same launch are updated; check_finite=False flags nothing."""
     interpreter(_nonfinite_body, scaling)
+
+
+def test_pointer_tables_follow_new_gradient_and_state_tensors(interpreter):
+    """The kept pointer tables are not stale: new gradient tensors (one with a NaN) and new momentum
+    tensors for the same parameters are the ones read and written."""
+    interpreter(_new_gradients_body)
 
 
 def test_requantisation_absmax_exact_and_codes_nearest(interpreter):

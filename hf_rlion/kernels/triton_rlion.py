@@ -301,25 +301,55 @@ class PlanCache:
         return plan
 
 
-class _RLionPlan:
-    """Chunk tables and pointer tables (params, momenta) of one list of tensors; gradient tables
-    are rebuilt only when the gradients' pointers change."""
+class TensorTables:
+    """What the kernels need to know of one list of tensors: its :class:`ChunkPlan` (grouped by the
+    parameter dtype), the data-pointer tables of the parameters and of each list of state tensors, and
+    that of the gradients, rebuilt only when their pointers change."""
 
-    def __init__(self, params: Sequence[Tensor], exp_avgs: Sequence[Tensor], block: int, device: torch.device):
+    def __init__(self, params: Sequence[Tensor], states: Sequence[Sequence[Tensor]], block: int, device: torch.device):
         self.chunks = ChunkPlan([p.numel() for p in params], [p.dtype for p in params], block, device)
         self.param_table = pointer_table(params, device)
-        self.exp_avg_table = pointer_table(exp_avgs, device)
+        self.state_tables = [pointer_table(tensors, device) for tensors in states]
+        self._device = device
         self._grad_key = None
         self._grad_table = None
 
-    def grad_table(self, grads: Sequence[Tensor], device: torch.device) -> Tensor:
+    def grad_table(self, grads: Sequence[Tensor]) -> Tensor:
         key = tuple(g.data_ptr() for g in grads)
         if key != self._grad_key:
-            self._grad_table, self._grad_key = pointer_table(grads, device), key
+            self._grad_table, self._grad_key = pointer_table(grads, self._device), key
         return self._grad_table
 
 
-_plans = PlanCache()
+_tables = PlanCache()
+
+
+def tables_for(params: Sequence[Tensor], states: Sequence[Sequence[Tensor]], block: int, device: torch.device):
+    """The :class:`TensorTables` of these tensors, built on first use and kept while they come back."""
+    key = (device, block, tuple((p.data_ptr(), p.numel(), p.dtype) for p in params))
+    key += tuple(tuple(t.data_ptr() for t in tensors) for tensors in states)
+    return _tables.get(key, lambda: TensorTables(params, states, block, device))
+
+
+class StepBuffers:
+    """One step's device buffers: the skip ``flags`` it returns and, for a step with a pre-pass, the
+    per-chunk sums of squares and NaN/inf marks and the per-tensor multipliers ``scales``."""
+
+    def __init__(self, n: int, n_chunks: int, device: torch.device, two_pass: bool, check_finite: bool):
+        self.flags = torch.zeros(n, dtype=torch.int32, device=device)
+        # without check_finite the returned flags stay zero: the scale kernel writes its own
+        self.scale_flags = self.flags if check_finite else torch.empty_like(self.flags)
+        size = max(n_chunks, 1) if two_pass else 1  # a 1-element stand-in for unused pointer arguments
+        self.scales = torch.empty(n if two_pass else 1, dtype=torch.float32, device=device)
+        self.chunk_sumsq = torch.empty(size, dtype=torch.float64, device=device)
+        self.chunk_bad = torch.empty(size, dtype=torch.int32, device=device)
+
+    def launch_scale(self, chunks: ChunkPlan, inv_bc: Tensor, alpha: float, first_tensor: int, n_tensors: int, rms: bool):
+        """The scale kernel for one dtype group: ``scales`` and ``scale_flags`` of its tensors."""
+        _scale_kernel[(n_tensors,)](
+            chunks.group_tensors, chunks.chunk_lo, chunks.chunk_hi, chunks.numels, inv_bc, self.chunk_sumsq,
+            self.chunk_bad, self.scales, self.scale_flags, alpha, first_tensor, RMS=rms, BLOCK=_SCALE_BLOCK,
+        )  # fmt: skip
 
 
 def inverse_bias_corrections(
@@ -344,6 +374,11 @@ def f32(value: float) -> float:
     return struct.unpack("f", struct.pack("f", value))[0]
 
 
+def check_alpha_scaling(alpha_scaling: str) -> None:
+    if alpha_scaling not in ("rms", "fixed"):
+        raise ValueError(f"alpha_scaling must be one of ['rms', 'fixed'], got {alpha_scaling!r}")
+
+
 def check_tensors(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[Tensor], dtypes) -> torch.device:
     """The common device of all tensors; raises ``ValueError`` for anything the kernels do not take."""
     if not (len(params) == len(grads) == len(states)):
@@ -354,8 +389,8 @@ def check_tensors(params: Sequence[Tensor], grads: Sequence[Tensor], states: Seq
             raise ValueError(f"parameters must be one of {list(dtypes)} with gradients alike, got {p.dtype}/{g.dtype}")
         if not (p.is_contiguous() and g.is_contiguous() and s.is_contiguous()):
             raise ValueError("parameters, gradients and state must be contiguous")
-        if g.shape != p.shape or not (p.device == g.device == s.device == device):
-            raise ValueError("gradient shapes and all devices must match the parameters'")
+        if g.shape != p.shape or s.numel() != p.numel() or not (p.device == g.device == s.device == device):
+            raise ValueError("gradients' shapes, states' sizes and all devices must match the parameters'")
     return device
 
 
@@ -384,51 +419,38 @@ def fused_rlion(
     one device. With ``check_finite`` a tensor whose gradient holds NaN/inf is left untouched
     (parameter and momentum) and its flag is 1; the flags are never read here (no host sync).
     """
-    if alpha_scaling not in ("rms", "fixed"):
-        raise ValueError(f"alpha_scaling must be one of ['rms', 'fixed'], got {alpha_scaling!r}")
+    check_alpha_scaling(alpha_scaling)
     device = check_tensors(params, grads, exp_avgs, _PARAM_DTYPES)
     for m in exp_avgs:
         if m.dtype != torch.float32:
             raise ValueError(f"exp_avg must be float32, got {m.dtype}")
     n = len(params)
-    flags = torch.zeros(n, dtype=torch.int32, device=device)
     if n == 0:
-        return flags
-    key = (device, block_size) + tuple((p.data_ptr(), m.data_ptr(), p.numel(), p.dtype) for p, m in zip(params, exp_avgs))
-    plan = _plans.get(key, lambda: _RLionPlan(params, exp_avgs, block_size, device))
-    chunks = plan.chunks
-    grad_table = plan.grad_table(grads, device)
+        return torch.zeros(0, dtype=torch.int32, device=device)
+    tables = tables_for(params, [exp_avgs], block_size, device)
+    (exp_avg_table,) = tables.state_tables
+    chunks, grad_table = tables.chunks, tables.grad_table(grads)
     inv_bc = inverse_bias_corrections(steps, beta1, bias_correction, n, device)
     rms = alpha_scaling == "rms"
     two_pass = rms or check_finite
+    buffers = StepBuffers(n, chunks.n_chunks, device, two_pass, check_finite)
     w1, w2, alpha = f32(1.0 - beta1), f32(1.0 - beta2), f32(alpha)
-    if two_pass:
-        scales = torch.empty(n, dtype=torch.float32, device=device)
-        chunk_sumsq = torch.empty(max(chunks.n_chunks, 1), dtype=torch.float64, device=device)
-        chunk_bad = torch.empty(max(chunks.n_chunks, 1), dtype=torch.int32, device=device)
-    else:
-        scales = chunk_sumsq = chunk_bad = inv_bc  # placeholders for unused pointer arguments
-    # without check_finite the flags stay zero: the scale kernel writes its flags elsewhere
-    scale_flags = flags if check_finite else torch.empty_like(flags)
     for dtype, first_chunk, n_chunks, first_tensor, n_tensors in chunks.groups:
         if n_chunks == 0:
             continue
         p_dtype = _PARAM_DTYPES[dtype]
         if two_pass:
             _prepass_kernel[(n_chunks,)](
-                grad_table, plan.exp_avg_table, chunks.numels, chunks.chunk_tensor, chunks.chunk_start,
-                chunk_sumsq, chunk_bad, w1, first_chunk,
+                grad_table, exp_avg_table, chunks.numels, chunks.chunk_tensor, chunks.chunk_start,
+                buffers.chunk_sumsq, buffers.chunk_bad, w1, first_chunk,
                 P_DTYPE=p_dtype, RMS=rms, MAXIMIZE=maximize, W1_BELOW_HALF=w1 < 0.5, BLOCK=block_size,
             )  # fmt: skip
-            _scale_kernel[(n_tensors,)](
-                chunks.group_tensors, chunks.chunk_lo, chunks.chunk_hi, chunks.numels, inv_bc,
-                chunk_sumsq, chunk_bad, scales, scale_flags, alpha, first_tensor, RMS=rms, BLOCK=_SCALE_BLOCK,
-            )  # fmt: skip
+            buffers.launch_scale(chunks, inv_bc, alpha, first_tensor, n_tensors, rms)
         _update_kernel[(n_chunks,)](
-            plan.param_table, grad_table, plan.exp_avg_table, chunks.numels, chunks.chunk_tensor,
-            chunks.chunk_start, scales, flags, inv_bc, alpha, w1, w2, f32(1.0 - lr * weight_decay),
+            tables.param_table, grad_table, exp_avg_table, chunks.numels, chunks.chunk_tensor,
+            chunks.chunk_start, buffers.scales, buffers.flags, inv_bc, alpha, w1, w2, f32(1.0 - lr * weight_decay),
             f32(lr * _TWO_OVER_PI), first_chunk,
             P_DTYPE=p_dtype, SCALES=two_pass, CHECK=check_finite, MAXIMIZE=maximize,
             DECAY=weight_decay != 0.0, W1_BELOW_HALF=w1 < 0.5, W2_BELOW_HALF=w2 < 0.5, BLOCK=block_size,
         )  # fmt: skip
-    return flags
+    return buffers.flags

@@ -40,21 +40,19 @@ from torch import Tensor
 
 from .triton_atan import atan_f32
 from .triton_rlion import (
-    FLT_MIN,
     _PARAM_DTYPES,
-    _SCALE_BLOCK,
     _TWO_OVER_PI,
-    ChunkPlan,
-    PlanCache,
-    _scale_kernel,
+    FLT_MIN,
+    StepBuffers,
+    check_alpha_scaling,
     check_tensors,
     f32,
     inverse_bias_corrections,
     lerp_f32,
     nonfinite_count,
-    pointer_table,
     round_to,
     scale_from_sum,
+    tables_for,
 )
 
 __all__ = ["fused_rlion8bit", "quantize_blockwise", "midpoints_of", "BLOCKSIZE", "DEFAULT_BLOCKS_PER_PROGRAM"]
@@ -249,25 +247,6 @@ def quantize_blockwise(values: Tensor, qmap: Tensor, blocks_per_program: int = D
     return codes, absmax
 
 
-class _RLion8bitPlan:
-    def __init__(self, params, codes, absmaxes, block: int, device: torch.device):
-        self.chunks = ChunkPlan([p.numel() for p in params], [p.dtype for p in params], block, device)
-        self.param_table = pointer_table(params, device)
-        self.code_table = pointer_table(codes, device)
-        self.absmax_table = pointer_table(absmaxes, device)
-        self._grad_key = None
-        self._grad_table = None
-
-    def grad_table(self, grads, device):
-        key = tuple(g.data_ptr() for g in grads)
-        if key != self._grad_key:
-            self._grad_table, self._grad_key = pointer_table(grads, device), key
-        return self._grad_table
-
-
-_plans = PlanCache()
-
-
 def fused_rlion8bit(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -294,59 +273,44 @@ def fused_rlion8bit(
     Everything else is :func:`hf_rlion.kernels.triton_rlion.fused_rlion`'s: a tensor whose gradient
     holds NaN/inf is left untouched (parameter, codes, absmax) and flagged when ``check_finite``.
     """
-    if alpha_scaling not in ("rms", "fixed"):
-        raise ValueError(f"alpha_scaling must be one of ['rms', 'fixed'], got {alpha_scaling!r}")
+    check_alpha_scaling(alpha_scaling)
     device = check_tensors(params, grads, codes, _PARAM_DTYPES)
     for p, c, a in zip(params, codes, absmaxes):
-        if c.dtype != torch.uint8 or c.numel() != p.numel():
-            raise ValueError("codes must be uint8 with one code per parameter element")
+        if c.dtype != torch.uint8:
+            raise ValueError(f"codes must be uint8, got {c.dtype}")
         if a.dtype != torch.float32 or a.numel() != triton.cdiv(p.numel(), BLOCKSIZE) or not a.is_contiguous():
             raise ValueError("absmax must be contiguous float32 with one value per block of 256")
         if a.device != device:
             raise ValueError("absmax must be on the parameters' device")
     n = len(params)
-    flags = torch.zeros(n, dtype=torch.int32, device=device)
     if n == 0:
-        return flags
-    block = BLOCKSIZE * blocks_per_program
-    key = (device, block) + tuple(
-        (p.data_ptr(), c.data_ptr(), a.data_ptr(), p.numel(), p.dtype) for p, c, a in zip(params, codes, absmaxes)
-    )
-    plan = _plans.get(key, lambda: _RLion8bitPlan(params, codes, absmaxes, block, device))
-    chunks = plan.chunks
-    grad_table = plan.grad_table(grads, device)
+        return torch.zeros(0, dtype=torch.int32, device=device)
+    tables = tables_for(params, [codes, absmaxes], BLOCKSIZE * blocks_per_program, device)
+    code_table, absmax_table = tables.state_tables
+    chunks, grad_table = tables.chunks, tables.grad_table(grads)
     qmap = qmap.to(device=device, dtype=torch.float32).contiguous()
     midpoints = midpoints_of(qmap)
     inv_bc = inverse_bias_corrections(steps, beta1, bias_correction, n, device)
     rms = alpha_scaling == "rms"
     two_pass = rms or check_finite
+    buffers = StepBuffers(n, chunks.n_chunks, device, two_pass, check_finite)
     w1, w2, alpha = f32(1.0 - beta1), f32(1.0 - beta2), f32(alpha)
-    if two_pass:
-        scales = torch.empty(n, dtype=torch.float32, device=device)
-        chunk_sumsq = torch.empty(max(chunks.n_chunks, 1), dtype=torch.float64, device=device)
-        chunk_bad = torch.empty(max(chunks.n_chunks, 1), dtype=torch.int32, device=device)
-    else:
-        scales = chunk_sumsq = chunk_bad = inv_bc  # placeholders for unused pointer arguments
-    scale_flags = flags if check_finite else torch.empty_like(flags)
     for dtype, first_chunk, n_chunks, first_tensor, n_tensors in chunks.groups:
         if n_chunks == 0:
             continue
         p_dtype = _PARAM_DTYPES[dtype]
         if two_pass:
             _prepass8_kernel[(n_chunks,)](
-                grad_table, plan.code_table, plan.absmax_table, qmap, chunks.numels, chunks.chunk_tensor,
-                chunks.chunk_start, chunk_sumsq, chunk_bad, w1, first_chunk,
+                grad_table, code_table, absmax_table, qmap, chunks.numels, chunks.chunk_tensor,
+                chunks.chunk_start, buffers.chunk_sumsq, buffers.chunk_bad, w1, first_chunk,
                 P_DTYPE=p_dtype, RMS=rms, MAXIMIZE=maximize, W1_BELOW_HALF=w1 < 0.5, BLOCKS=blocks_per_program,
             )  # fmt: skip
-            _scale_kernel[(n_tensors,)](
-                chunks.group_tensors, chunks.chunk_lo, chunks.chunk_hi, chunks.numels, inv_bc,
-                chunk_sumsq, chunk_bad, scales, scale_flags, alpha, first_tensor, RMS=rms, BLOCK=_SCALE_BLOCK,
-            )  # fmt: skip
+            buffers.launch_scale(chunks, inv_bc, alpha, first_tensor, n_tensors, rms)
         _update8_kernel[(n_chunks,)](
-            plan.param_table, grad_table, plan.code_table, plan.absmax_table, qmap, midpoints, chunks.numels,
-            chunks.chunk_tensor, chunks.chunk_start, scales, flags, inv_bc, alpha, w1, w2,
+            tables.param_table, grad_table, code_table, absmax_table, qmap, midpoints, chunks.numels,
+            chunks.chunk_tensor, chunks.chunk_start, buffers.scales, buffers.flags, inv_bc, alpha, w1, w2,
             f32(1.0 - lr * weight_decay), f32(lr * _TWO_OVER_PI), first_chunk,
             P_DTYPE=p_dtype, SCALES=two_pass, CHECK=check_finite, MAXIMIZE=maximize,
             DECAY=weight_decay != 0.0, W1_BELOW_HALF=w1 < 0.5, W2_BELOW_HALF=w2 < 0.5, BLOCKS=blocks_per_program,
         )  # fmt: skip
-    return flags
+    return buffers.flags
