@@ -192,6 +192,33 @@ def _new_gradients_body() -> None:
     assert fresh[0].abs().sum() > 0 and torch.equal(fresh[1], torch.zeros(10))
 
 
+def _refusals_body() -> None:
+    import torch
+
+    from hf_rlion.kernels.triton_rlion import fused_rlion
+    from hf_rlion.kernels.triton_rlion8bit import fused_rlion8bit
+
+    hyperparameters = dict(HYPERPARAMETERS, alpha_scaling="rms", maximize=False)
+    p, g = torch.zeros(300), torch.zeros(300)
+    cases = [
+        lambda: fused_rlion([p], [g], [torch.zeros(300)], [1], block_size=1000, **hyperparameters),
+        lambda: fused_rlion([p], [g], [torch.zeros(299)], [1], **hyperparameters),
+        lambda: fused_rlion([p], [g], [torch.zeros(300, dtype=torch.float64)], [1], **hyperparameters),
+        lambda: fused_rlion([p], [g.half()], [torch.zeros(300)], [1], **hyperparameters),
+        lambda: fused_rlion([p], [g], [torch.zeros(600)[::2]], [1], **hyperparameters),
+        lambda: fused_rlion([p], [g], [torch.zeros(300)], [1], **dict(hyperparameters, alpha_scaling="x")),
+        lambda: fused_rlion8bit([p], [g], [torch.zeros(300, dtype=torch.uint8)], [torch.zeros(1)], torch.zeros(256), [1], **hyperparameters),
+        lambda: fused_rlion8bit([p], [g], [torch.zeros(300, dtype=torch.uint8)], [torch.zeros(2)], torch.zeros(256), [1], blocks_per_program=3, **hyperparameters),
+    ]
+    for case in cases:
+        try:
+            case()
+        except ValueError:
+            continue
+        raise AssertionError("accepted arguments the kernels cannot take")
+    assert torch.equal(p, torch.zeros(300))
+
+
 def _nearest_codes_reference(values, qmap):
     """Brute force: bitsandbytes' normalisation v = x * (1 / absmax) in float32 (tiny blocks scaled by
     2^64 first), then the index of the nearest qmap entry by exact distance, ties to the lower index."""
@@ -371,6 +398,12 @@ def test_pointer_tables_follow_new_gradient_and_state_tensors(interpreter):
     """The kept pointer tables are not stale: new gradient tensors (one with a NaN) and new momentum
     tensors for the same parameters are the ones read and written."""
     interpreter(_new_gradients_body)
+
+
+def test_arguments_the_kernels_cannot_take_are_refused(interpreter):
+    """Non-power-of-two blocks, state of the wrong size, dtype or layout, mixed gradient dtypes and an
+    unknown alpha_scaling raise ValueError before any kernel runs."""
+    interpreter(_refusals_body)
 
 
 def test_requantisation_absmax_exact_and_codes_nearest(interpreter):

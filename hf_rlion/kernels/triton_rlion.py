@@ -374,9 +374,12 @@ def f32(value: float) -> float:
     return struct.unpack("f", struct.pack("f", value))[0]
 
 
-def check_alpha_scaling(alpha_scaling: str) -> None:
+def check_options(alpha_scaling: str, block: int) -> None:
+    """``alpha_scaling`` is known and the elements per program a power of two (``tl.arange``'s rule)."""
     if alpha_scaling not in ("rms", "fixed"):
         raise ValueError(f"alpha_scaling must be one of ['rms', 'fixed'], got {alpha_scaling!r}")
+    if block < 1 or block & (block - 1):
+        raise ValueError(f"elements per program must be a power of two, got {block}")
 
 
 def check_tensors(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[Tensor], dtypes) -> torch.device:
@@ -419,7 +422,7 @@ def fused_rlion(
     one device. With ``check_finite`` a tensor whose gradient holds NaN/inf is left untouched
     (parameter and momentum) and its flag is 1; the flags are never read here (no host sync).
     """
-    check_alpha_scaling(alpha_scaling)
+    check_options(alpha_scaling, block_size)
     device = check_tensors(params, grads, exp_avgs, _PARAM_DTYPES)
     for m in exp_avgs:
         if m.dtype != torch.float32:

@@ -44,7 +44,7 @@ from .triton_rlion import (
     _TWO_OVER_PI,
     FLT_MIN,
     StepBuffers,
-    check_alpha_scaling,
+    check_options,
     check_tensors,
     f32,
     inverse_bias_corrections,
@@ -273,7 +273,7 @@ def fused_rlion8bit(
     Everything else is :func:`hf_rlion.kernels.triton_rlion.fused_rlion`'s: a tensor whose gradient
     holds NaN/inf is left untouched (parameter, codes, absmax) and flagged when ``check_finite``.
     """
-    check_alpha_scaling(alpha_scaling)
+    check_options(alpha_scaling, BLOCKSIZE * blocks_per_program)
     device = check_tensors(params, grads, codes, _PARAM_DTYPES)
     for p, c, a in zip(params, codes, absmaxes):
         if c.dtype != torch.uint8:
