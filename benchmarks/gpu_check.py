@@ -190,7 +190,7 @@ def time_steps(torch, step, iters: int) -> float:
     return statistics.median(times)
 
 
-def candidates(torch, params, dtype):
+def candidates(torch, params):
     """(name, step function, state bytes read + written per parameter)."""
     from hf_rlion import RLion
     from hf_rlion.kernels.triton_rlion import fused_rlion
@@ -239,7 +239,7 @@ def run_timings(torch, args) -> None:
     value_bytes = params[0].element_size()
     print(f"\n{torch.cuda.get_device_name()}: {numel / 1e6:.1f}M {args.dtype} parameters in {len(params)} tensors")
     rows = []
-    for name, step, state_bytes in candidates(torch, params, dtype):
+    for name, step, state_bytes in candidates(torch, params):
         ms = time_steps(torch, step, args.iters)
         moved = numel * (3 * value_bytes + state_bytes)  # read p, g; write p; state in and out
         rows.append((name, ms, moved / (ms * 1e-3) / 1e9))

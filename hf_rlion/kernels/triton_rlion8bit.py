@@ -57,9 +57,11 @@ from .triton_rlion import (
 
 __all__ = ["fused_rlion8bit", "quantize_blockwise", "midpoints_of", "BLOCKSIZE", "DEFAULT_BLOCKS_PER_PROGRAM"]
 
+# BLOCKSIZE and the 2^64 scale are hf_rlion.rlion8bit's values, repeated so that this module does not
+# import bitsandbytes.
 #: Elements per quantisation block (bitsandbytes' blockwise optimizers).
 BLOCKSIZE = 256
-#: Quantisation blocks per program of the pre-pass and update kernels.
+#: Quantisation blocks per program of the pre-pass and update kernels (a power of two).
 DEFAULT_BLOCKS_PER_PROGRAM = 8
 #: Blocks whose absmax is below the smallest normal float32 are scaled by this before quantising.
 SUBNORMAL_BLOCK_SCALE = tl.constexpr(2.0**64)
