@@ -86,6 +86,21 @@ def dequantize_blockwise(codes: Tensor, absmax: Tensor, qmap: Tensor) -> Tensor:
     return (blocks * absmax.to(torch.float32)[:, None]).view(-1)[:numel].view(codes.shape)
 
 
+def momentum_dtype(param: Tensor) -> torch.dtype:
+    """The dtype of RLion's 32-bit ``exp_avg`` for ``param``: float32 for bfloat16/float16
+    parameters (the arithmetic runs in float32), the parameter's dtype otherwise."""
+    return torch.float32 if param.dtype in low_precision_dtypes else param.dtype
+
+
+def as_32bit_state(param: Tensor, state: dict) -> dict:
+    """A checked state (:func:`state_problem`) in RLion's layout: 8-bit momentum is dequantised
+    (:func:`dequantize_blockwise`) into an ``exp_avg`` of :func:`momentum_dtype` on ``param``'s device."""
+    if "state1" not in state:
+        return state
+    exp_avg = dequantize_blockwise(state["state1"], state["absmax1"], state["qmap1"])
+    return {"step": state["step"], "exp_avg": exp_avg.to(device=param.device, dtype=momentum_dtype(param))}
+
+
 def _finite_range(tensor: Tensor) -> tuple[float, float]:
     """``(min, max)`` of a tensor by one reduction (NaN shows in both); ``(0, 0)`` when empty."""
     if tensor.numel() == 0:

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-from ._optimizer_base import RLionBase, dequantize_blockwise, low_precision_dtypes
+from ._optimizer_base import RLionBase, as_32bit_state, low_precision_dtypes
 
 __all__ = ["RLion", "rlion_update_", "ALPHA_SCALINGS"]
 
@@ -242,12 +242,8 @@ class RLion(RLionBase):
 
     def _convert_state(self, param: Tensor, state: dict, group: dict, group_index: int, param_index: int) -> dict:
         """RLion8bit's 8-bit state becomes ``exp_avg``: the dequantised momentum
-        ``qmap1[state1] * absmax1[block]``, in RLion's state dtype for ``param``."""
-        if "state1" not in state:
-            return state
-        state_dtype = torch.float32 if param.dtype in low_precision_dtypes else param.dtype
-        exp_avg = dequantize_blockwise(state["state1"], state["absmax1"], state["qmap1"])
-        return {"step": state["step"], "exp_avg": exp_avg.to(device=param.device, dtype=state_dtype)}
+        ``qmap1[state1] * absmax1[block]`` (:func:`~hf_rlion._optimizer_base.as_32bit_state`)."""
+        return as_32bit_state(param, state)
 
     def _implementation(self, group: dict, params: list[Tensor]) -> Callable:
         fused, foreach = group["fused"], group["foreach"]

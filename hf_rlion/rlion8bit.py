@@ -59,13 +59,11 @@ except ImportError as _err:  # pragma: no cover - exercised in an environment wi
 
 from . import fused_cpu, native
 from .native import pointer_array
-from ._optimizer_base import RLionBase, low_precision_dtypes, validate_hyperparameters
+from ._optimizer_base import BLOCKSIZE, RLionBase, as_32bit_state, low_precision_dtypes, validate_hyperparameters
 from .rlion import RLion, rlion_update_
 
 __all__ = ["RLion8bit", "PagedRLion8bit", "keep_embeddings_in_32bit", "rlion8bit_reference_update_", "BLOCKSIZE"]
 
-#: Elements per quantisation block (bitsandbytes' blockwise optimizers use 256).
-BLOCKSIZE = 256
 #: bitsandbytes allocates paged state only for tensors at least this large (its ``get_state_buffer``).
 _PAGED_MIN_NUMEL = 100_000
 _OPTIM_BITS = (8, 32)
@@ -621,7 +619,7 @@ class RLion8bit(RLionBase):
             codes, absmax = quantize_blockwise(state["exp_avg"].to(device=param.device, dtype=torch.float32), qmap)
             return {"step": state["step"], "state1": codes, "absmax1": absmax, "qmap1": qmap}
         if not wants_8bit and "state1" in state:
-            return RLion._convert_state(self, param, state, group, group_index, param_index)
+            return as_32bit_state(param, state)
         return state
 
     def _state_buffer(self, param: Tensor) -> Tensor:

@@ -275,6 +275,25 @@ def test_rlion_state_loads_into_rlion8bit_as_bitsandbytes_codes():
     assert state["step"] == 4 and all(torch.isfinite(p).all() for p in target)
 
 
+def test_rlion8bit_state_follows_the_32bit_override_of_the_loading_optimizer():
+    """An embedding stepped with 8-bit state, loaded where keep_embeddings_in_32bit asks for 32-bit
+    state (Trainer does that for rlion_8bit): it gets the exp_avg RLion8bit would have created."""
+    torch.manual_seed(0)
+    source_model, target_model = nn.Embedding(64, 80), nn.Embedding(64, 80)
+    target_model.load_state_dict(source_model.state_dict())
+    source = RLion8bit(source_model.parameters(), lr=1e-2, min_8bit_size=1024)
+    source_model(torch.arange(64)).square().sum().backward()
+    source.step()
+    assert "state1" in source.state[source_model.weight]
+    r8.keep_embeddings_in_32bit(target_model)
+    target = RLion8bit(target_model.parameters(), lr=1e-2, min_8bit_size=1024)
+    target.load_state_dict(_saved(source))
+    codes, absmax, qmap = (source.state[source_model.weight][k] for k in ("state1", "absmax1", "qmap1"))
+    expected = bnb_functional.dequantize_blockwise(codes, absmax=absmax, code=qmap, blocksize=256)
+    assert set(target.state[target_model.weight]) == {"step", "exp_avg"}
+    assert torch.equal(target.state[target_model.weight]["exp_avg"], expected)
+
+
 def test_trainer_checkpoint_of_optim_rlion_resumes_with_optim_rlion_8bit(tmp_path):
     _tiny_trainer(tmp_path / "run", "rlion").train()
     resumed = _tiny_trainer(tmp_path / "resumed", "rlion_8bit", max_steps=4, optim_args="min_8bit_size=1024")
