@@ -608,7 +608,8 @@ class RLion8bit(RLionBase):
         ``GlobalOptimManager`` overrides): RLion's ``exp_avg`` is quantised with
         :func:`quantize_blockwise` (bitsandbytes' codes), 8-bit state of a tensor that now keeps
         32-bit state is dequantised (as :class:`RLion` loads it)."""
-        config = {k: v for k, v in _manager_overrides(param, group_index, param_index).items() if k in _STATE_OVERRIDE_KEYS}
+        overrides = _manager_overrides(param, group_index, param_index)
+        config = {k: v for k, v in overrides.items() if k in _STATE_OVERRIDE_KEYS}
         optim_bits = config.get("optim_bits", group["optim_bits"])
         min_8bit_size = config.get("min_8bit_size", group["min_8bit_size"])
         _validate_8bit_options({"optim_bits": optim_bits, "min_8bit_size": min_8bit_size}, source="override")

@@ -1,7 +1,7 @@
 """Loading optimizer state: checks before anything changes, RLion <-> RLion8bit conversion, torch's conventions.
 
-Every test here names the defect it guards against; each failed (or crashed) on the code before
-``load_state_dict`` checked the state it is given.
+Each test names the defect it guards against and failed on the code before these checks,
+except the one whose docstring says it guards an existing check (fused_cpu's shape test).
 """
 
 import copy
