@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor
 
 low_precision_dtypes = (torch.bfloat16, torch.float16)
+
+#: Elements per quantisation block of the 8-bit state (bitsandbytes' blockwise optimizers use 256).
+BLOCKSIZE = 256
+#: The per-parameter state layouts this package writes: RLion's, and RLion8bit's 8-bit one
+#: (bitsandbytes' names). Both optimizers load either (``load_state_dict`` converts).
+STATE_LAYOUTS = {
+    "32-bit": frozenset({"step", "exp_avg"}),
+    "8-bit": frozenset({"step", "state1", "absmax1", "qmap1"}),
+}
 
 
 def _is_real_number(value: Any) -> bool:
@@ -57,12 +66,107 @@ def finite_gradient_mask(grads: list[Tensor]) -> list[bool]:
     """
     mask = []
     for g in grads:
-        if g.numel() == 0:
+        if g.numel() == 0 or g.is_meta:  # a meta tensor has no values to check
             mask.append(True)
             continue
         hi, lo = torch.aminmax(g)
         mask.append(bool(torch.isfinite(hi) & torch.isfinite(lo)))
     return mask
+
+
+def dequantize_blockwise(codes: Tensor, absmax: Tensor, qmap: Tensor) -> Tensor:
+    """The momentum ``m = qmap[codes] * absmax[block]`` (float32, shaped like ``codes``) of 8-bit state.
+
+    bitsandbytes' ``dequantize_blockwise`` with ``blocksize=256``, in plain torch (one float32
+    product per element, so the same values, tested), for RLion, which does not need bitsandbytes.
+    """
+    values = qmap.to(torch.float32)[codes.reshape(-1).long()]
+    numel = values.numel()
+    blocks = torch.nn.functional.pad(values, (0, -numel % BLOCKSIZE)).view(-1, BLOCKSIZE)
+    return (blocks * absmax.to(torch.float32)[:, None]).view(-1)[:numel].view(codes.shape)
+
+
+def momentum_dtype(param: Tensor) -> torch.dtype:
+    """The dtype of RLion's 32-bit ``exp_avg`` for ``param``: float32 for bfloat16/float16
+    parameters (the arithmetic runs in float32), the parameter's dtype otherwise."""
+    return torch.float32 if param.dtype in low_precision_dtypes else param.dtype
+
+
+def as_32bit_state(param: Tensor, state: dict) -> dict:
+    """A checked state (:func:`state_problem`) in RLion's layout: 8-bit momentum is dequantised
+    (:func:`dequantize_blockwise`) into an ``exp_avg`` of :func:`momentum_dtype` on ``param``'s device."""
+    if "state1" not in state:
+        return state
+    exp_avg = dequantize_blockwise(state["state1"], state["absmax1"], state["qmap1"])
+    return {"step": state["step"], "exp_avg": exp_avg.to(device=param.device, dtype=momentum_dtype(param))}
+
+
+def _finite_range(tensor: Tensor) -> tuple[float, float]:
+    """``(min, max)`` of a tensor by one reduction (NaN shows in both); ``(0, 0)`` when empty."""
+    if tensor.numel() == 0:
+        return 0.0, 0.0
+    lo, hi = torch.aminmax(tensor.detach())
+    return float(lo), float(hi)
+
+
+def state_problem(param: Tensor, state: dict) -> Optional[str]:
+    """What is wrong with one parameter's saved state for this parameter, or ``None``.
+
+    Accepts either layout of :data:`STATE_LAYOUTS` (or an empty dict) and checks each tensor
+    against ``param``: ``step`` a finite scalar >= 0 (tensor or number); ``exp_avg`` a floating
+    tensor shaped like ``param``, finite; ``state1`` uint8 codes shaped like ``param``;
+    ``absmax1`` float32, one entry per block of 256 elements, finite and >= 0; ``qmap1`` 256
+    float32 entries, finite, ascending, within [-1, 1]. Cost: one reduction per state tensor.
+    """
+    if not isinstance(state, dict):
+        return f"the state is a {type(state).__name__}, not a dict"
+    if not state:
+        return None
+    keys = set(state)
+    if keys not in STATE_LAYOUTS.values():
+        expected = " or ".join(f"{sorted(layout)} ({name})" for name, layout in STATE_LAYOUTS.items())
+        return f"the state has keys {sorted(keys, key=str)}, expected {expected}"
+    shape = tuple(param.shape)
+    for key, value in state.items():
+        if key == "step":
+            if isinstance(value, Tensor):
+                if value.numel() != 1 or value.is_complex():
+                    return f"'step' must be a real scalar, got a tensor of shape {tuple(value.shape)}"
+                value = value.item()
+            if not _is_real_number(value) or not math.isfinite(value) or value < 0:
+                return f"'step' must be a finite number >= 0, got {value!r}"
+            continue
+        if not isinstance(value, Tensor):
+            return f"{key!r} must be a tensor, got {type(value).__name__}"
+        if key in ("exp_avg", "state1") and tuple(value.shape) != shape:
+            return f"{key!r} has shape {tuple(value.shape)}, expected {shape} (the parameter's)"
+        if key == "exp_avg":
+            if not value.is_floating_point():
+                return f"'exp_avg' must be a floating-point tensor, got {value.dtype}"
+            lo, hi = _finite_range(value)
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                return "'exp_avg' (the momentum) holds NaN or inf values"
+        elif key == "state1":
+            if value.dtype != torch.uint8:
+                return f"'state1' (the 8-bit codes) must be uint8, got {value.dtype}"
+        elif key == "absmax1":
+            blocks = -(-param.numel() // BLOCKSIZE)
+            if value.dtype != torch.float32 or value.numel() != blocks:
+                return (
+                    f"'absmax1' must be float32 with {blocks} entries (one per block of {BLOCKSIZE}), "
+                    f"got {value.dtype} with {value.numel()}"
+                )
+            lo, hi = _finite_range(value)
+            if not (math.isfinite(lo) and math.isfinite(hi)) or lo < 0:
+                return "'absmax1' (the block scales) holds NaN, inf or negative values"
+        elif key == "qmap1":
+            if value.dtype != torch.float32 or value.numel() != 256:
+                return f"'qmap1' must be 256 float32 entries, got {value.dtype} with {value.numel()}"
+            qmap = value.detach().reshape(-1)
+            lo, hi = _finite_range(qmap)
+            if not (-1.0 <= lo and hi <= 1.0) or bool((qmap[1:] < qmap[:-1]).any()):
+                return "'qmap1' (the quantisation map) must be ascending values within [-1, 1]"
+    return None
 
 
 class RLionBase(torch.optim.Optimizer):
@@ -156,16 +260,32 @@ class RLionBase(torch.optim.Optimizer):
             )
 
     def add_param_group(self, param_group: dict) -> None:
+        """``torch.optim.Optimizer.add_param_group``, with the group checked before it is added:
+        a rejected group never stays behind in ``param_groups``."""
+        params = param_group["params"]
+        if isinstance(params, Tensor):
+            param_group["params"] = [params]
+        elif not isinstance(params, set):  # torch rejects sets itself
+            param_group["params"] = list(params)
+        if isinstance(param_group.get("betas"), list):
+            param_group["betas"] = tuple(param_group["betas"])
+        self._check_group(dict(self.defaults, **param_group))
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        if isinstance(group.get("betas"), list):
-            group["betas"] = tuple(group["betas"])
-        validate_hyperparameters(group)
+
+    def _check_group(self, group: dict) -> None:
+        """Raise ``ValueError`` for a group (options filled from the defaults) this optimizer cannot take."""
+        self._check_options(group)
         for p in group["params"]:
+            if not isinstance(p, Tensor):
+                continue  # torch's add_param_group raises for it
             if p.is_complex():
                 raise ValueError(f"{type(self).__name__} does not support complex parameters (got {p.dtype})")
             if not p.is_floating_point():
                 raise ValueError(f"{type(self).__name__} needs floating-point parameters, got {p.dtype}")
+
+    def _check_options(self, group: dict) -> None:
+        """Raise ``ValueError`` for a bad option value in a param group (those of ``defaults``)."""
+        validate_hyperparameters(group)
 
     def _params_with_grad(self, params: Iterable[Tensor]) -> Iterator[Tensor]:
         """The parameters (of a group) that have a gradient; frozen ones (grad None) are skipped."""
@@ -180,23 +300,78 @@ class RLionBase(torch.optim.Optimizer):
             yield p
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load state as ``torch.optim.Optimizer`` does, but keep each state tensor's saved dtype.
+        """Load state as ``torch.optim.Optimizer`` does, after checking all of it, keeping dtypes.
+
+        Everything is checked before anything changes (a rejected state dict leaves the optimizer
+        as it was): the group options (an option missing from an older state dict takes this
+        optimizer's default, as torch's optimizers do in ``__setstate__``) and each parameter's
+        state against the parameter (:func:`state_problem`: shapes, sizes, dtypes, NaN/inf).
+        A problem raises ``ValueError`` naming the parameter. A ``step`` saved as a Python number
+        becomes a float32 tensor. State in the other optimizer's layout is converted
+        (:meth:`_convert_state`: RLion8bit's 8-bit codes into RLion's ``exp_avg`` and back).
 
         torch casts every floating-point state tensor except ``step`` to its parameter's dtype;
         that would round float32 momentum of a bf16 parameter to bf16 and turn 8-bit codes or
-        float32 absmax into the parameter's dtype.
+        float32 absmax into the parameter's dtype. Here each keeps its saved dtype.
         """
+        name = f"{type(self).__name__}.load_state_dict"
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"{name}: the state dict has {len(saved_groups)} parameter group(s), this optimizer "
+                f"{len(self.param_groups)}"
+            )
+        groups = []
+        for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    f"{name}: group {index} of the state dict has {len(saved['params'])} parameters, this "
+                    f"optimizer's {len(group['params'])}"
+                )
+            options = dict(self.defaults, **saved)
+            if isinstance(options.get("betas"), list):
+                options["betas"] = tuple(options["betas"])
+            try:
+                self._check_options(options)
+            except ValueError as err:
+                raise ValueError(f"{name}: group {index}: {err}") from None
+            groups.append(options)
         saved_state = state_dict["state"]
-        super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
-        # state_dict keys are the parameters' positions across groups (torch's packing order).
-        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
-        for pid, param in zip(saved_ids, params):
-            if pid not in saved_state or param not in self.state:
-                continue
-            state = self.state[param]
-            for key, saved in saved_state[pid].items():
-                if isinstance(saved, Tensor) and key in state and state[key].dtype != saved.dtype:
-                    state[key] = saved.to(device=param.device, copy=True)
-        for group in self.param_groups:
-            validate_hyperparameters(group)
+        state = dict(saved_state)
+        position = 0
+        for group_index, (group, options) in enumerate(zip(self.param_groups, groups)):
+            for param_index, (param, pid) in enumerate(zip(group["params"], options["params"])):
+                where = (
+                    f"{name}: parameter {position} (group {group_index}, position {param_index}, shape "
+                    f"{tuple(param.shape)})"
+                )
+                position += 1
+                if pid not in saved_state:
+                    continue
+                problem = state_problem(param, saved_state[pid])
+                if problem is not None:
+                    raise ValueError(f"{where}: {problem}")
+                if not saved_state[pid]:
+                    continue
+                entry = dict(saved_state[pid])
+                if not isinstance(entry["step"], Tensor):  # torch's convention: a float32 tensor
+                    entry["step"] = torch.tensor(float(entry["step"]), dtype=torch.float32)
+                elif entry["step"].dtype != torch.float32:
+                    entry["step"] = entry["step"].to(torch.float32)
+                try:
+                    state[pid] = self._convert_state(param, entry, options, group_index, param_index)
+                except ValueError as err:
+                    raise ValueError(f"{where}: {err}") from None
+        super().load_state_dict(dict(state_dict, param_groups=groups, state=state))
+        for group, options in zip(self.param_groups, groups):
+            for param, pid in zip(group["params"], options["params"]):
+                if pid not in state or param not in self.state:
+                    continue
+                loaded = self.state[param]
+                for key, saved in state[pid].items():
+                    if isinstance(saved, Tensor) and key in loaded and loaded[key].dtype != saved.dtype:
+                        loaded[key] = saved.to(device=param.device, copy=True)
+
+    def _convert_state(self, param: Tensor, state: dict, group: dict, group_index: int, param_index: int) -> dict:
+        """One parameter's checked saved state (a new dict) in the layout this optimizer keeps for it."""
+        return state

@@ -109,18 +109,22 @@ def optimizer_kwargs(name: str, options: dict[str, Any]) -> dict[str, Any]:
 def parse_optim_args(text: str | None) -> dict[str, Any]:
     """Parse ``"alpha=3,bias_correction=true,alpha_scaling=fixed"`` into typed values.
 
+    Whitespace around items, keys and values is ignored (``"alpha = 3, beta1=0.9"``); inside a
+    value it is kept (``"a=x y"`` gives ``"x y"``, which the optimizer then rejects by name).
     ``true``/``false`` become bools, numbers become int/float (``1e-3`` included), the rest
-    stays a string. A malformed item raises ``ValueError`` quoting it.
+    stays a string. A malformed item or a key given twice raises ``ValueError`` quoting it.
     """
     if not text:
         return {}
     out: dict[str, Any] = {}
-    for item in text.replace(" ", "").split(","):
-        if not item:
+    for item in text.split(","):
+        if not item.strip():
             continue
-        key, sep, value = item.partition("=")
+        key, sep, value = (part.strip() for part in item.partition("="))
         if not sep or not key or not value:
-            raise ValueError(f"optim_args: expected 'key=value' items separated by commas, got {item!r}")
+            raise ValueError(f"optim_args: expected 'key=value' items separated by commas, got {item.strip()!r}")
+        if key in out:
+            raise ValueError(f"optim_args: {key!r} is given more than once in {text!r}")
         out[key] = _parse_value(value)
     return out
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-from ._optimizer_base import RLionBase, low_precision_dtypes
+from ._optimizer_base import RLionBase, as_32bit_state, low_precision_dtypes
 
 __all__ = ["RLion", "rlion_update_", "ALPHA_SCALINGS"]
 
@@ -203,7 +203,9 @@ class RLion(RLionBase):
     is float32 for bfloat16/float16 parameters (the arithmetic runs in float32 and the
     parameter is rounded once per step) and the parameter's dtype otherwise.
     ``load_state_dict`` keeps that dtype (plain ``torch.optim.Optimizer`` would cast it to
-    the parameter's).
+    the parameter's), checks every state tensor against its parameter first (``ValueError``
+    naming the parameter) and takes an :class:`~hf_rlion.RLion8bit` state too (its 8-bit
+    momentum dequantised into ``exp_avg``).
     """
 
     def __init__(
@@ -237,6 +239,11 @@ class RLion(RLionBase):
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         state_dtype = torch.float32 if param.dtype in low_precision_dtypes else param.dtype
         state["exp_avg"] = torch.zeros_like(param, dtype=state_dtype, memory_format=torch.preserve_format)
+
+    def _convert_state(self, param: Tensor, state: dict, group: dict, group_index: int, param_index: int) -> dict:
+        """RLion8bit's 8-bit state becomes ``exp_avg``: the dequantised momentum
+        ``qmap1[state1] * absmax1[block]`` (:func:`~hf_rlion._optimizer_base.as_32bit_state`)."""
+        return as_32bit_state(param, state)
 
     def _implementation(self, group: dict, params: list[Tensor]) -> Callable:
         fused, foreach = group["fused"], group["foreach"]

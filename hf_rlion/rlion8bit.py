@@ -59,13 +59,11 @@ except ImportError as _err:  # pragma: no cover - exercised in an environment wi
 
 from . import fused_cpu, native
 from .native import pointer_array
-from ._optimizer_base import RLionBase, low_precision_dtypes, validate_hyperparameters
+from ._optimizer_base import BLOCKSIZE, RLionBase, as_32bit_state, low_precision_dtypes, validate_hyperparameters
 from .rlion import RLion, rlion_update_
 
 __all__ = ["RLion8bit", "PagedRLion8bit", "keep_embeddings_in_32bit", "rlion8bit_reference_update_", "BLOCKSIZE"]
 
-#: Elements per quantisation block (bitsandbytes' blockwise optimizers use 256).
-BLOCKSIZE = 256
 #: bitsandbytes allocates paged state only for tensors at least this large (its ``get_state_buffer``).
 _PAGED_MIN_NUMEL = 100_000
 _OPTIM_BITS = (8, 32)
@@ -101,11 +99,39 @@ def rlion8bit_reference_update_(
     its ``quantize_blockwise``, with ``blocksize=256``; every fast path is tested against this.
     ``hyperparameters`` are :func:`rlion_update_`'s keywords.
     """
+    check_8bit_state(param, codes, absmax, qmap)
     exp_avg = bnb_functional.dequantize_blockwise(codes, absmax=absmax, code=qmap, blocksize=BLOCKSIZE)
     rlion_update_(param, grad, exp_avg, step, **hyperparameters)
     new_codes, new_absmax = quantize_blockwise(exp_avg, qmap)
     codes.copy_(new_codes)
     absmax.copy_(new_absmax)
+
+
+def check_8bit_state(param: Tensor, codes: Tensor, absmax: Tensor, qmap: Tensor) -> None:
+    """Raise ``ValueError`` unless one tensor's 8-bit state has the sizes, dtypes and layout that
+    the C kernel and bitsandbytes read and write (both trust them; a wrong size is a memory error
+    there): uint8 codes with one entry per element of ``param``, float32 ``absmax`` with one entry
+    per block of 256, a 256-entry float32 ``qmap``, codes and absmax contiguous, all on
+    ``param``'s device. O(1): no element is read (``load_state_dict`` checks the values)."""
+    numel, device = param.numel(), param.device
+    blocks = -(-numel // BLOCKSIZE)
+    if (
+        codes.dtype != torch.uint8
+        or codes.numel() != numel
+        or absmax.dtype != torch.float32
+        or absmax.numel() != blocks
+        or qmap.dtype != torch.float32
+        or qmap.numel() != 256
+        or not (codes.is_contiguous() and absmax.is_contiguous())
+        or not (codes.device == absmax.device == qmap.device == device)
+    ):
+        raise ValueError(
+            f"RLion8bit: the 8-bit state of a parameter of shape {tuple(param.shape)} on {device} does not fit it: "
+            f"state1 {codes.dtype} {tuple(codes.shape)} on {codes.device}, absmax1 {absmax.dtype} "
+            f"{tuple(absmax.shape)}, qmap1 {qmap.dtype} {tuple(qmap.shape)} (expected contiguous uint8 codes with "
+            f"{numel} entries, float32 absmax1 with {blocks}, 256 float32 qmap1 entries, all on {device}); "
+            "was optimizer.state changed by hand?"
+        )
 
 
 #: Blocks whose absmax is below the smallest normal float32 are scaled by this before quantising.
@@ -223,12 +249,15 @@ class _KernelTensors:
     """The per-tensor arguments of ``rlion8bit_step_many`` that stay the same from step to step.
 
     The state's data pointers (codes, absmax, qmap and its code table, :func:`_lut_of`) and the
-    sizes, as C arrays. It holds the tensors, so the pointers stay valid while it lives.
+    sizes, as C arrays. It holds the tensors, so the pointers stay valid while it lives. Each
+    tensor's state is checked against its parameter first (:func:`check_8bit_state`).
     """
 
     __slots__ = ("count", "codes", "absmaxes", "qmaps", "luts", "numels", "total_numel", "_tensors")
 
-    def __init__(self, codes: list[Tensor], absmaxes: list[Tensor], qmaps: list[Tensor]):
+    def __init__(self, params: list[Tensor], codes: list[Tensor], absmaxes: list[Tensor], qmaps: list[Tensor]):
+        for param, code, absmax, qmap in zip(params, codes, absmaxes, qmaps, strict=True):
+            check_8bit_state(param, code, absmax, qmap)
         luts = [_lut_of(q) for q in qmaps]
         qmaps = [q.contiguous() for q in qmaps]
         numels = [c.numel() for c in codes]
@@ -299,7 +328,7 @@ def fused_update_many_(
     :func:`hf_rlion.fused_cpu.split_numel` elements are done by one thread each, larger ones split.
     """
     grads = [g.contiguous() for g in grads]
-    tensors = _KernelTensors(codes, absmaxes, qmaps)
+    tensors = _KernelTensors(params, codes, absmaxes, qmaps)
     return _run_kernel(
         library, tensors, params[0].dtype, pointer_array(params), pointer_array(grads), steps, **hyperparameters
     )
@@ -335,7 +364,7 @@ class _KernelPlan:
         self.param_pointers = pointer_array(params)
         self.step_pointers = pointer_array([state["step"] for state in states])
         self.tensors = _KernelTensors(
-            [state["state1"] for state in states], [state["absmax1"] for state in states],
+            params, [state["state1"] for state in states], [state["absmax1"] for state in states],
             [state["qmap1"] for state in states],
         )  # fmt: skip
         kernel = set(self.positions)
@@ -494,7 +523,10 @@ class RLion8bit(RLionBase):
 
     The state round-trips through ``state_dict`` / ``torch.save`` /
     ``torch.load(weights_only=True)`` / ``load_state_dict`` with its dtypes kept (uint8 codes,
-    float32 absmax, also for bfloat16 parameters).
+    float32 absmax, also for bfloat16 parameters). ``load_state_dict`` checks every state tensor
+    against its parameter first (``ValueError`` naming the parameter: sizes, dtypes, NaN/inf) and
+    takes an :class:`~hf_rlion.RLion` state too (its ``exp_avg`` quantised where the tensor gets
+    8-bit state); param groups saved without ``optim_bits``/``min_8bit_size`` get the constructor's.
     """
 
     _paged = False
@@ -545,10 +577,12 @@ class RLion8bit(RLionBase):
 
     # -- construction -------------------------------------------------------------------------
 
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
+    def _check_options(self, group: dict) -> None:
+        super()._check_options(group)
         _validate_8bit_options(group)
+
+    def _check_group(self, group: dict) -> None:
+        super()._check_group(group)
         for p in group["params"]:
             _check_not_fsdp(p)
 
@@ -571,6 +605,27 @@ class RLion8bit(RLionBase):
         except ValueError as err:
             raise ValueError(f"GlobalOptimManager override for a parameter of shape {tuple(param.shape)}: {err}") from None
         return applied
+
+    def _convert_state(self, param: Tensor, state: dict, group: dict, group_index: int, param_index: int) -> dict:
+        """A loaded state in the layout :meth:`_init_state` would give ``param`` now (8-bit when
+        ``optim_bits`` is 8 and the tensor has at least ``min_8bit_size`` elements, after the
+        ``GlobalOptimManager`` overrides): RLion's ``exp_avg`` is quantised with
+        :func:`quantize_blockwise` (bitsandbytes' codes), 8-bit state of a tensor that now keeps
+        32-bit state is dequantised (as :class:`RLion` loads it)."""
+        overrides = _manager_overrides(param, group_index, param_index)
+        config = {k: v for k, v in overrides.items() if k in _STATE_OVERRIDE_KEYS}
+        optim_bits = config.get("optim_bits", group["optim_bits"])
+        min_8bit_size = config.get("min_8bit_size", group["min_8bit_size"])
+        _validate_8bit_options({"optim_bits": optim_bits, "min_8bit_size": min_8bit_size}, source="override")
+        wants_8bit = optim_bits == 8 and param.numel() >= min_8bit_size
+        if wants_8bit and "exp_avg" in state:
+            _check_materialised(param)
+            qmap = _signed_dynamic_map(param.device)
+            codes, absmax = quantize_blockwise(state["exp_avg"].to(device=param.device, dtype=torch.float32), qmap)
+            return {"step": state["step"], "state1": codes, "absmax1": absmax, "qmap1": qmap}
+        if not wants_8bit and "state1" in state:
+            return as_32bit_state(param, state)
+        return state
 
     def _state_buffer(self, param: Tensor) -> Tensor:
         """uint8 codes shaped like ``param``; bitsandbytes paged memory for large CUDA tensors when paged."""
@@ -595,6 +650,7 @@ class RLion8bit(RLionBase):
         _validate_8bit_options({"optim_bits": optim_bits, "min_8bit_size": min_8bit_size}, source="override")
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         if optim_bits == 8 and param.numel() >= min_8bit_size:
+            _check_materialised(param)
             blocks = -(-param.numel() // BLOCKSIZE)
             state["state1"] = self._state_buffer(param)
             state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=param.device)
@@ -778,6 +834,15 @@ def _signed_dynamic_map(device: torch.device) -> Tensor:
     if device not in _qmaps:
         _qmaps[device] = bnb_functional.create_dynamic_map(signed=True).to(device)
     return _qmaps[device]
+
+
+def _check_materialised(param: Tensor) -> None:
+    if param.is_meta:
+        raise ValueError(
+            f"RLion8bit: a parameter of shape {tuple(param.shape)} is on the meta device; meta tensors hold no "
+            "data, so they cannot hold 8-bit state. Materialise the model first (e.g. model.to_empty(device=...) "
+            "and load its weights), or use RLion."
+        )
 
 
 def _validate_8bit_options(options: dict, source: str = "argument") -> None:

@@ -9,7 +9,11 @@ transformers:
    ``HfArgumentParser(TrainingArguments)`` lists them as choices;
 2. ``Trainer.get_optimizer_cls_and_kwargs`` (the static method every Trainer version since
    4.x calls to turn ``args.optim`` into a class) answers for these names and defers to the
-   original for all others.
+   original for all others;
+3. ``Trainer._load_optimizer_and_scheduler`` (the resume step that ``torch.load``\ s
+   ``optimizer.pt`` and ``scheduler.pt``) re-raises a failure as a ``RuntimeError`` that names the
+   checkpoint and the file that cannot be read (torch's own message for a truncated file names
+   neither).
 
 ``import hf_rlion`` does not import transformers (that takes seconds): it installs an import
 hook that applies each patch right after transformers loads the module it concerns, or at
@@ -27,9 +31,11 @@ Where RLion's hyperparameters come from under Trainer:
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.machinery
 import logging
+import os
 import sys
 import threading
 import warnings
@@ -88,7 +94,53 @@ def optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[type, dict[s
 
 
 def patch_trainer(trainer_cls: type) -> None:
-    """Wrap ``trainer_cls.get_optimizer_cls_and_kwargs`` so it answers for hf_rlion's names (idempotent)."""
+    """Wrap ``trainer_cls.get_optimizer_cls_and_kwargs`` so it answers for hf_rlion's names, and
+    ``trainer_cls._load_optimizer_and_scheduler`` so a failed resume names its file (idempotent)."""
+    _patch_optimizer_choice(trainer_cls)
+    _patch_optimizer_loading(trainer_cls)
+
+
+#: The files ``Trainer._load_optimizer_and_scheduler`` reads with ``torch.load`` (transformers' names).
+_RESUME_FILES = ("optimizer.pt", "scheduler.pt")
+
+
+def _resume_failure(checkpoint: str, err: Exception) -> str:
+    """The message for a failed ``_load_optimizer_and_scheduler``: which file cannot be read, if one."""
+    import torch
+
+    for name in _RESUME_FILES:
+        path = os.path.join(checkpoint, name)
+        if not os.path.isfile(path):
+            continue
+        try:  # mmap: reads the archive's index, not the tensors
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            return (
+                f"resuming from checkpoint {checkpoint}: {path} cannot be read (truncated or corrupted?); "
+                f"{type(err).__name__}: {err}"
+            )
+    return f"resuming the optimizer and scheduler state from checkpoint {checkpoint}: {type(err).__name__}: {err}"
+
+
+def _patch_optimizer_loading(trainer_cls: type) -> None:
+    original = trainer_cls.__dict__.get("_load_optimizer_and_scheduler")
+    if original is None or hasattr(original, _PATCH_MARK):
+        return
+
+    @functools.wraps(original)
+    def _load_optimizer_and_scheduler(self, checkpoint, *args, **kwargs):
+        try:
+            return original(self, checkpoint, *args, **kwargs)
+        except Exception as err:
+            if not isinstance(checkpoint, (str, os.PathLike)):
+                raise
+            raise RuntimeError(_resume_failure(os.fspath(checkpoint), err)) from err
+
+    setattr(_load_optimizer_and_scheduler, _PATCH_MARK, original)
+    trainer_cls._load_optimizer_and_scheduler = _load_optimizer_and_scheduler
+
+
+def _patch_optimizer_choice(trainer_cls: type) -> None:
     current = trainer_cls.__dict__.get("get_optimizer_cls_and_kwargs")
     original = current.__func__ if isinstance(current, staticmethod) else current
     if original is None or hasattr(original, _PATCH_MARK):
@@ -164,4 +216,6 @@ def is_registered() -> bool:
         ok &= all(n in training_args.OptimizerNames._value2member_map_ for n in TRANSFORMERS_OPTIMIZER_NAMES)
     if trainer is not None:
         ok &= hasattr(trainer.Trainer.get_optimizer_cls_and_kwargs, _PATCH_MARK)
+        loading = getattr(trainer.Trainer, "_load_optimizer_and_scheduler", None)
+        ok &= loading is None or hasattr(loading, _PATCH_MARK)
     return ok
