@@ -182,19 +182,19 @@ def test_accelerate_save_state_keeps_the_model_keys_and_load_state_is_strict(tmp
         )  # fmt: skip
         return models.ViTBoxRegressionModel(config)
 
-    accelerator = Accelerator(cpu=True)
-    written = accelerator.prepare(box_model(0))
-    accelerator.save_state(str(tmp_path / "state"))
+    writer = Accelerator(cpu=True)
+    written = writer.prepare(box_model(0))
+    writer.save_state(str(tmp_path / "state"))
     weights = load_file(str(tmp_path / "state" / "model.safetensors"))
     assert set(weights) == set(written.state_dict())
     assert bool(saved_weight_conversions(written))  # a ViT: save_pretrained would rename, save_state does not
 
-    fresh = accelerator.prepare(box_model(1))
-    accelerator._models[:] = [fresh]
-    accelerator.load_state(str(tmp_path / "state"))
+    reader = Accelerator(cpu=True)
+    fresh = reader.prepare(box_model(1))
+    reader.load_state(str(tmp_path / "state"))
     assert_same_weights(fresh, written)
 
     del weights[sorted(weights)[0]]
     save_file(weights, str(tmp_path / "state" / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(RuntimeError, match="Missing key"):
-        accelerator.load_state(str(tmp_path / "state"))
+        reader.load_state(str(tmp_path / "state"))
