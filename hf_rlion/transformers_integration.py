@@ -1,9 +1,9 @@
 """Teach transformers' ``TrainingArguments`` / ``Trainer`` the names ``rlion``, ``rlion_8bit``, ``paged_rlion_8bit``.
 
-transformers has no public extension point for optimizer names, so two things are patched,
-both idempotently and both checked by the tests against the oldest and newest supported
-transformers (a third patch, from ``hf_rlion.checkpoints``, makes ``Trainer`` resume with
-every weight or fail, see 3.):
+transformers has no public extension point for optimizer names, so two things are patched
+(1., 2.), and a third (3., from :mod:`hf_rlion.checkpoints`) makes Trainer's resume load every
+model weight or fail; all idempotently, and checked by the tests against the oldest and newest
+supported transformers:
 
 1. ``transformers.training_args.OptimizerNames`` (the enum behind ``--optim``) gains the
    three members, so ``TrainingArguments(optim="rlion")`` validates and
