@@ -1,7 +1,8 @@
 """hf-rlion: the RLion optimizer for the HuggingFace ecosystem.
 
 ``import hf_rlion`` registers ``--optim rlion``, ``rlion_8bit`` and ``paged_rlion_8bit`` with
-transformers (see :mod:`hf_rlion.transformers_integration`).
+transformers (see :mod:`hf_rlion.transformers_integration`) and makes ``Trainer`` resume with
+every model weight or an error (see :mod:`hf_rlion.checkpoints`).
 """
 
 from .factory import create_optimizer

@@ -1,8 +1,9 @@
 """Teach transformers' ``TrainingArguments`` / ``Trainer`` the names ``rlion``, ``rlion_8bit``, ``paged_rlion_8bit``.
 
-transformers has no public extension point for optimizer names, so two things are patched,
-both idempotently and both checked by the tests against the oldest and newest supported
-transformers:
+transformers has no public extension point for optimizer names, so two things are patched
+(1., 2.), and two more (3., and 4. from :mod:`hf_rlion.checkpoints`) make Trainer's resume load
+every optimizer file and model weight or fail; all idempotently, and checked by the tests
+against the oldest and newest supported transformers:
 
 1. ``transformers.training_args.OptimizerNames`` (the enum behind ``--optim``) gains the
    three members, so ``TrainingArguments(optim="rlion")`` validates and
@@ -14,6 +15,11 @@ transformers:
    ``optimizer.pt`` and ``scheduler.pt``) re-raises a failure as a ``RuntimeError`` that names the
    checkpoint and the file that cannot be read (torch's own message for a truncated file names
    neither).
+4. ``Trainer._load_from_checkpoint`` / ``_load_best_model`` load the model weights with
+   :func:`hf_rlion.checkpoints.load_model_weights`: the checkpoint's keys converted back to the
+   model's own (transformers>=5 saves ViT and other models with renamed keys, which Trainer
+   5.x loads as "missing" and trains on from the initialisation), and an error instead of a
+   log line when keys are missing or unexpected.
 
 ``import hf_rlion`` does not import transformers (that takes seconds): it installs an import
 hook that applies each patch right after transformers loads the module it concerns, or at
@@ -160,7 +166,10 @@ def _patch_module(module_name: str, module: Any) -> None:
     if module_name == "transformers.training_args":
         extend_optimizer_names(module.OptimizerNames)
     elif module_name == "transformers.trainer":
+        from .checkpoints import patch_trainer_checkpoint_loading
+
         patch_trainer(module.Trainer)
+        patch_trainer_checkpoint_loading(module.Trainer)
 
 
 _TARGETS = ("transformers.training_args", "transformers.trainer")
@@ -215,7 +224,9 @@ def is_registered() -> bool:
     if training_args is not None:
         ok &= all(n in training_args.OptimizerNames._value2member_map_ for n in TRANSFORMERS_OPTIMIZER_NAMES)
     if trainer is not None:
-        ok &= hasattr(trainer.Trainer.get_optimizer_cls_and_kwargs, _PATCH_MARK)
+        from .checkpoints import is_patched
+
+        ok &= hasattr(trainer.Trainer.get_optimizer_cls_and_kwargs, _PATCH_MARK) and is_patched(trainer.Trainer)
         loading = getattr(trainer.Trainer, "_load_optimizer_and_scheduler", None)
         ok &= loading is None or hasattr(loading, _PATCH_MARK)
     return ok

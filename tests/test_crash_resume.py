@@ -3,7 +3,9 @@
 For both recipes and both optimizers: one uninterrupted run; one run killed at a random moment
 after its first complete checkpoint (the kill may land mid-step or mid-save: the random delays
 are seeded, and the test asserts the process really was still running); then a resume from the
-last complete checkpoint. The final weights must be bit-identical.
+last complete checkpoint. The final weights must be bit-identical. The classification recipe is
+also run with a tiny ViT, whose checkpoints transformers>=5 writes under renamed keys, and a
+resume from a checkpoint missing a weight must stop with an error.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -76,9 +78,17 @@ def _assert_same_weights(a: Path, b: Path):
         assert torch.equal(wa[name], wb[name]), name
 
 
+# The embedded ResNet saves its own keys; a ViT is saved with renamed keys on transformers>=5
+# (``hf_rlion.checkpoints`` converts them back on resume).
+TINY_VIT = [
+    "--model_type", "vit",
+    "--config_overrides", "image_size=32,patch_size=8,hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64",
+]  # fmt: skip
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("optim", ["rlion", "rlion_8bit"])
-def test_classification_recipe_killed_and_resumed(optim, tmp_path):
+@pytest.mark.parametrize("optim,model", [("rlion", "resnet"), ("rlion_8bit", "resnet"), ("rlion", "vit")])
+def test_classification_recipe_killed_and_resumed(optim, model, tmp_path):
     if optim == "rlion_8bit":
         pytest.importorskip("bitsandbytes")
     recipe = _load(CLASSIFICATION)
@@ -87,7 +97,7 @@ def test_classification_recipe_killed_and_resumed(optim, tmp_path):
         "--per_device_train_batch_size", "16", "--num_train_epochs", "3", "--save_strategy", "steps", "--save_steps", "4",
         "--save_total_limit", "2", "--eval_strategy", "no", "--lr_scheduler_type", "cosine", "--warmup_steps", "3",
         "--dataloader_num_workers", "0", "--seed", "11", "--logging_steps", "50",
-    ]  # fmt: skip
+    ] + (TINY_VIT if model == "vit" else [])  # fmt: skip
     _run(common + ["--output_dir", str(tmp_path / "straight")], tmp_path)
     crashed = tmp_path / "crashed"
     delay = random.Random(f"classification-{optim}").uniform(0.0, 1.0)
@@ -95,6 +105,29 @@ def test_classification_recipe_killed_and_resumed(optim, tmp_path):
     resumed = _run(common + ["--output_dir", str(crashed), "--resume_from_checkpoint", "last"], tmp_path)
     assert f"Loading model from {crashed}{os.sep}checkpoint-" in resumed.stderr + resumed.stdout
     _assert_same_weights(tmp_path / "straight" / "model.safetensors", crashed / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_classification_recipe_refuses_a_checkpoint_with_missing_weights(tmp_path):
+    """A resume whose checkpoint lacks model weights exits non-zero naming the checkpoint and a key; it does not train on."""
+    common = [
+        sys.executable, str(CLASSIFICATION), "--max_train_samples", "32", "--max_eval_samples", "16",
+        "--per_device_train_batch_size", "16", "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
+        "--eval_strategy", "no", "--dataloader_num_workers", "0", "--output_dir", str(tmp_path / "run"), *TINY_VIT,
+    ]  # fmt: skip
+    _run(common, tmp_path)
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    dropped = sorted(weights)[0]
+    del weights[dropped]
+    save_file(weights, str(checkpoint / "model.safetensors"), metadata={"format": "pt"})
+    proc = subprocess.run(
+        common + ["--max_steps", "4", "--resume_from_checkpoint", str(checkpoint)],
+        env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "CheckpointMismatchError" in proc.stderr and str(checkpoint) in proc.stderr and dropped in proc.stderr
+    assert not (tmp_path / "run" / "checkpoint-4").exists()
 
 
 @pytest.mark.slow
