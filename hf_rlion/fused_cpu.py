@@ -36,13 +36,12 @@ from torch import Tensor
 from . import native
 from .native import pointer_array
 
-_FLOAT32_MAX = torch.finfo(torch.float32).max
-
 __all__ = ["is_supported", "check_supported", "fused_rlion", "atan", "finite_mask", "kernel_available"]
 
 _KERNEL_SOURCE = "_rlion_kernel.c"
 _ABI_VERSION = 3
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 #: A tensor with fewer elements than this is read (RMS reduction, NaN/inf check) and updated by one
 #: thread, with no synchronisation; larger ones are split across threads. The threshold is raised
 #: to a quarter of each thread's share of the group so that the per-thread tensors still balance

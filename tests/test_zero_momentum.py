@@ -154,6 +154,8 @@ NOOP_INPUTS = [
     dict(bias_correction=True),
     dict(maximize=True, alpha=50.0),
     dict(lr=1e-1, betas=(0.0, 0.5)),
+    dict(alpha=1e300),  # above the largest float32: counts as that
+    dict(alpha=1e300, alpha_scaling="fixed", bias_correction=True),
 ]
 
 
@@ -167,6 +169,22 @@ def test_step_is_noop_for_zero_grads(path, kwargs):
     loss = optimizer.step(lambda: torch.tensor([1.0]))
     assert torch.equal(loss, torch.tensor([1.0]))
     assert torch.equal(param.detach(), old_param)
+
+
+@pytest.mark.parametrize("path", ["fused", "8bit_kernel"])
+def test_zero_momentum_tensor_split_across_threads_changes_only_by_weight_decay(path):
+    """The kernels' other branch: a tensor above ``split_numel`` has its read pass and update split
+    across threads, and its multiplier computed after a barrier; it is capped there too."""
+    torch.set_num_threads(2)  # undone by the one_thread fixture
+    numel = fused_cpu.split_numel([1 << 20], 2)
+    param = nn.Parameter(torch.randn(numel, generator=torch.Generator().manual_seed(0)))
+    expected = param.detach() * (1.0 - 2.0**-6)
+    optimizer = make_optimizer(path, [param], lr=2.0**-4, weight_decay=2.0**-2, alpha=10.0, bias_correction=True)
+    param.grad = torch.zeros_like(param)
+    optimizer.step()
+    assert torch.equal(param.detach(), expected)
+    assert torch.equal(momentum(optimizer, param), torch.zeros(numel, dtype=torch.float64))
+    assert optimizer.nonfinite_skips == 0
 
 
 def expected_update(m, step, alpha, alpha_scaling, bias_correction, compute_dtype, beta1=0.9):
