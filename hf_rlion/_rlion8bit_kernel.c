@@ -595,17 +595,23 @@ static void update_chunk(const tensor8 *x, int64_t c, const hyper8 *h, float alp
 
 /* alpha_t of a tensor from its chunk sums (added in chunk order, so independent of the thread
  * count): alpha ("fixed") or alpha / max(RMS(c_hat), FLT_MIN) ("rms"), each intermediate rounded to
- * float32 as torch computes it (norm, norm / sqrt(n), alpha / rms). */
-static float alpha_of(const double *sums, int64_t nc, int64_t numel, float alpha, int rms) {
-    if (!rms)
-        return alpha;
-    double sum = 0.0;
-    for (int64_t c = 0; c < nc; ++c)
-        sum += sums[c];
-    const float norm = (float)sqrt(sum);
-    float rms_value = norm / (float)sqrt((double)(numel > 0 ? numel : 1));
-    rms_value = rms_value > FLT_MIN ? rms_value : FLT_MIN;
-    return alpha / rms_value;
+ * float32 as torch computes it (norm, norm / sqrt(n), alpha / rms), then capped at
+ * FLT_MAX * divisor, so that alpha_t * c_hat multiplies c by at most FLT_MAX (_alpha_cap in
+ * hf_rlion/rlion.py). Uncapped, a tensor whose c is all zero has RMS 0 -> FLT_MIN, alpha_t
+ * overflows to inf for alpha > ~4 and inf * 0 = NaN; capped, its update is exactly zero. */
+static float alpha_of(const double *sums, int64_t nc, int64_t numel, float alpha, int rms, float divisor) {
+    const float cap = (float)((double)FLT_MAX * (double)divisor);
+    float alpha_t = alpha;
+    if (rms) {
+        double sum = 0.0;
+        for (int64_t c = 0; c < nc; ++c)
+            sum += sums[c];
+        const float norm = (float)sqrt(sum);
+        float rms_value = norm / (float)sqrt((double)(numel > 0 ? numel : 1));
+        rms_value = rms_value > FLT_MIN ? rms_value : FLT_MIN;
+        alpha_t = alpha / rms_value;
+    }
+    return alpha_t < cap ? alpha_t : cap;
 }
 
 /* Tensors below split_numel (whole[0 .. n_whole), in index order) are done by one thread each, taken
@@ -622,7 +628,7 @@ static int64_t take_whole(int64_t *counter, const int64_t *whole, int64_t n_whol
  * Per element:  m = qmap[code] * absmax;  c = lerp(m, g, 1 - beta1);  c /= bias_div[t] (if bias_correction)
  *               u = atan(c * alpha_t) * 2/pi;  p = p * decay (if apply_decay);  p = p + (-lr) * u
  *               m' = lerp(m, g, 1 - beta2), requantised per block.
- * alpha_t: see alpha_of.
+ * alpha_t: see alpha_of (capped there, so that it is finite).
  *
  * Non-finite gradients: each tensor gets a read pass right before its update (the sum of squares
  * under "rms", a scan of g * 0 under "fixed"), chunk by chunk; a tensor with any NaN/inf gradient
@@ -706,7 +712,7 @@ int rlion8bit_step_many(int64_t count, int dtype, void *const *params, const voi
             for (int64_t c = 0; c < nc && finite; ++c)
                 sums[c] = prepass_chunk(x, c, &h, rms_scaling, &finite, &cache);
             if (finite) {
-                const float alpha_t = alpha_of(sums, nc, x->numel, alpha, rms_scaling);
+                const float alpha_t = alpha_of(sums, nc, x->numel, alpha, rms_scaling, x->divisor);
                 const tensor8 *next = t_next >= 0 ? &tensors[t_next] : NULL;
                 if (next)
                     touch_pages(next, &h);
@@ -739,7 +745,7 @@ int rlion8bit_step_many(int64_t count, int dtype, void *const *params, const voi
                 skipped[t] = 1;
                 continue;
             }
-            const float alpha_t = alpha_of(sums, nc, x->numel, alpha, rms_scaling);
+            const float alpha_t = alpha_of(sums, nc, x->numel, alpha, rms_scaling, x->divisor);
 #pragma omp for schedule(dynamic, 1) nowait
             for (int64_t j = 0; j < nc; ++j)
                 update_chunk(x, j, &h, alpha_t, NULL, &cache);

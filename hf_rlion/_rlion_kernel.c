@@ -8,8 +8,8 @@
  *
  *     g'  = maximize ? -g : g
  *     c   = lerp(m, g', 1 - beta1)                 (torch.lerp's two-sided formula)
- *     u   = atan(k * c)                            k = alpha * (1 / (1 - beta1^t))   "fixed"
- *                                                  k = alpha / max(RMS(c_hat), FLT_MIN) / (1 - beta1^t)   "rms"
+ *     u   = atan(k * c)                            k = min(alpha / (1 - beta1^t), FLT_MAX)   "fixed"
+ *                                  k = min(alpha / max(RMS(c_hat), FLT_MIN) / (1 - beta1^t), FLT_MAX)   "rms"
  *     p   = p * (1 - lr * wd) - (lr * 2/pi) * u    (p rounded once, in its own dtype)
  *     m   = lerp(m, g', 1 - beta2)
  *
@@ -18,6 +18,10 @@
  * (from cache where the tensor fits: see rlion_step). The only temporaries are per-call tables
  * of chunk owners and partial sums (12 bytes per 16384 elements) and of tensor indices, never a
  * tensor-sized buffer.
+ *
+ * k is capped at FLT_MAX, as on every path (hf_rlion/rlion.py, _alpha_cap): uncapped, a tensor whose
+ * c is all zero has RMS 0 -> FLT_MIN, k overflows to inf for alpha > ~4 and inf * 0 = NaN; capped,
+ * k * 0 = 0 and the parameter changes only by weight decay.
  *
  * Parameters may be float32, bfloat16 or float16 (gradient in the same dtype); the momentum
  * is always float32 and all arithmetic is float32; the sum of squares is added in double across
@@ -281,6 +285,12 @@ static void update(int dtype, void *p, const void *g, float *m, int64_t lo, int6
     }
 }
 
+/* The multiplier k of c (computed in double) as a float, capped at FLT_MAX so that it is finite. */
+static float capped_scale(double k) { return k < (double)FLT_MAX ? (float)k : FLT_MAX; }
+
+/* "fixed": k = alpha / (1 - beta1^t), capped. */
+static float fixed_scale(float alpha, double inv_bc) { return capped_scale((double)alpha * inv_bc); }
+
 /* RMS(c_hat) of tensor t from its per-chunk sums of squares, and the resulting multiplier k.
  * The chunk sums are added in chunk order, so k does not depend on the number of threads. */
 static float rms_scale(const double *chunk_sums, int64_t n_chunks, int64_t numel, float alpha, double inv_bc) {
@@ -289,7 +299,7 @@ static float rms_scale(const double *chunk_sums, int64_t n_chunks, int64_t numel
     /* RMS(c_hat) = RMS(c) * inv_bc, clamped below by FLT_MIN (as the torch path) */
     double rms_c_hat = sqrt(total / (double)numel) * inv_bc;
     if (!(rms_c_hat >= (double)FLT_MIN)) rms_c_hat = (double)FLT_MIN;
-    return (float)((double)alpha / rms_c_hat * inv_bc);
+    return capped_scale((double)alpha / rms_c_hat * inv_bc);
 }
 
 static int chunk_finite(int dtype, const void *g, int64_t lo, int64_t hi);
@@ -303,7 +313,7 @@ static float scale_after_prepass(int rms, const double *sums, int64_t nc, int64_
     double total = 0.0;
     for (int64_t i = 0; i < nc; i++) total += sums[i];
     *bad = !isfinite(total) && !(rms && chunk_finite(dtype, g, 0, numel));
-    return rms ? rms_scale(sums, nc, numel, alpha, inv_bc) : (float)((double)alpha * inv_bc);
+    return rms ? rms_scale(sums, nc, numel, alpha, inv_bc) : fixed_scale(alpha, inv_bc);
 }
 
 /* The next tensor of small[0 .. n_small) for the calling thread, or -1 when all are taken. */
@@ -383,7 +393,7 @@ int rlion_step(int32_t n, void *const *params, const void *const *grads, float *
         for (int64_t i = 0; i < total_chunks; i++) {
             const int32_t t = chunk_tensor[i];
             const int64_t lo = (i - chunk_offset[t]) * CHUNK;
-            const float k = (float)((double)alpha * inv_bias_correction[t]);
+            const float k = fixed_scale(alpha, inv_bias_correction[t]);
             update(dtypes[t], params[t], grads[t], exp_avgs[t], lo, chunk_end(lo, numels[t]), &h, k);
         }
     } else {

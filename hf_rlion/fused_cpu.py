@@ -6,8 +6,10 @@ request (``fused=True``). The kernel (``hf_rlion/_rlion_kernel.c``, built by
 
     c = lerp(m, g, 1 - β1);   u = atan(k · c);   θ ← θ·(1 − η λ) − η (2/π) u;   m ← lerp(m, g, 1 − β2)
 
-with ``k = α / (1 − β1^t)`` (``alpha_scaling="fixed"``) or ``k = α / max(RMS(ĉ), tiny) / (1 − β1^t)``
-(``"rms"``; RMS over the whole tensor, sum of squares in float64). That is the rule of
+with ``k = min(α / (1 − β1^t), F)`` (``alpha_scaling="fixed"``) or
+``k = min(α / max(RMS(ĉ), tiny) / (1 − β1^t), F)`` (``"rms"``; RMS over the whole tensor, sum of
+squares in float64), F the largest finite float32 (so a tensor whose c is zero gets ``k · 0 = 0``,
+never ``∞ · 0 = NaN``; α itself counts as at most F). That is the rule of
 :func:`hf_rlion.rlion.rlion_update_`, which the tests compare it against.
 
 Why it is fast: torch's eager step makes one pass over memory per operation (lerp, mul, atan,
@@ -38,6 +40,7 @@ __all__ = ["is_supported", "check_supported", "fused_rlion", "atan", "finite_mas
 
 _KERNEL_SOURCE = "_rlion_kernel.c"
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 #: A tensor with fewer elements than this is read (RMS reduction, NaN/inf check) and updated by one
 #: thread, with no synchronisation; larger ones are split across threads. The threshold is raised
 #: to a quarter of each thread's share of the group so that the per-thread tensors still balance
@@ -268,7 +271,7 @@ def fused_rlion(
         1.0 - beta2,
         lr,
         weight_decay,
-        alpha,
+        min(alpha, _FLOAT32_MAX),  # a float32 argument: never inf
         1 if alpha_scaling == "rms" else 0,
         1 if maximize else 0,
         split_numel(numel_list, threads),

@@ -25,14 +25,26 @@ _FOREACH_CHUNK_NUMEL = 1 << 22
 
 _TWO_OVER_PI = 2.0 / math.pi
 
+#: F, the largest finite float32: every path caps the multiplier of c_t, α_t / (1 − β1^t), at F.
+FLOAT32_MAX = torch.finfo(torch.float32).max
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny
 
-def _effective_alpha(c: Tensor, alpha: float, alpha_scaling: str) -> float | Tensor:
-    """The α that multiplies ĉ_t: the constant α, or α / RMS(ĉ_t) for one tensor."""
+
+def _alpha_cap(bias_divisor: float) -> float:
+    """The largest α_t: F · (1 − β1^t), so that α_t · ĉ_t = (α_t / (1 − β1^t)) · c_t multiplies c_t
+    by at most F (``bias_divisor`` = 1 − β1^t, or 1 without bias correction)."""
+    return FLOAT32_MAX * bias_divisor
+
+
+def _effective_alpha(c_hat: Tensor, alpha: float, alpha_scaling: str, bias_divisor: float) -> float | Tensor:
+    """The α_t that multiplies ĉ_t: α, or α / max(RMS(ĉ_t), tiny) for one tensor, capped by
+    :func:`_alpha_cap` (α itself is taken as at most F). Finite, so a zero ĉ_t gives a zero update."""
+    alpha = min(alpha, FLOAT32_MAX)
     if alpha_scaling == "fixed":
-        return alpha
-    norm_dtype = torch.promote_types(c.dtype, torch.float32)
-    rms = torch.linalg.vector_norm(c, dtype=norm_dtype) / math.sqrt(max(c.numel(), 1))
-    return alpha / rms.clamp_min(torch.finfo(torch.float32).tiny)
+        return min(alpha, _alpha_cap(bias_divisor))
+    norm_dtype = torch.promote_types(c_hat.dtype, torch.float32)
+    rms = torch.linalg.vector_norm(c_hat, dtype=norm_dtype) / math.sqrt(max(c_hat.numel(), 1))
+    return (alpha / rms.clamp_min(_FLOAT32_TINY)).clamp_max_(_alpha_cap(bias_divisor))
 
 
 def rlion_update_(
@@ -61,10 +73,11 @@ def rlion_update_(
         g = -g
     # c_t = β1·m_{t-1} + (1-β1)·g_t   (a fresh tensor: m_{t-1} is still needed below)
     c = torch.lerp(exp_avg, g, 1.0 - beta1)
+    bias_divisor = 1.0 - beta1**step if bias_correction else 1.0
     if bias_correction:
-        c.div_(1.0 - beta1**step)
-    # u_t = (2/π)·arctan(α·ĉ_t)
-    c.mul_(_effective_alpha(c, alpha, alpha_scaling)).atan_().mul_(_TWO_OVER_PI)
+        c.div_(bias_divisor)
+    # u_t = (2/π)·arctan(α_t·ĉ_t)
+    c.mul_(_effective_alpha(c, alpha, alpha_scaling, bias_divisor)).atan_().mul_(_TWO_OVER_PI)
     # θ_t = θ_{t-1} − η·(u_t + λ·θ_{t-1})
     if param.dtype == compute_dtype:
         if weight_decay != 0.0:
@@ -115,16 +128,16 @@ def _foreach_rlion(
             if maximize:
                 gs = torch._foreach_neg(gs)
             cs = torch._foreach_lerp(ms, gs, 1.0 - beta1)
+            bias_divisor = 1.0 - beta1**step if bias_correction else 1.0
             if bias_correction:
-                torch._foreach_div_(cs, 1.0 - beta1**step)
+                torch._foreach_div_(cs, bias_divisor)
+            capped_alpha = min(alpha, FLOAT32_MAX)  # as in _effective_alpha
             if alpha_scaling == "fixed":
-                torch._foreach_mul_(cs, alpha)
+                torch._foreach_mul_(cs, min(capped_alpha, _alpha_cap(bias_divisor)))
             else:
                 norms = torch._foreach_norm(cs)
-                scales = [
-                    alpha / (n / math.sqrt(c.numel())).clamp_min(torch.finfo(torch.float32).tiny)
-                    for n, c in zip(norms, cs)
-                ]
+                scales = [capped_alpha / (n / math.sqrt(c.numel())).clamp_min(_FLOAT32_TINY) for n, c in zip(norms, cs)]
+                torch._foreach_clamp_max_(scales, _alpha_cap(bias_divisor))
                 torch._foreach_mul_(cs, scales)
             torch._foreach_atan_(cs)
             work = ps if p_dtype == m_dtype else [p.to(m_dtype) for p in ps]
@@ -162,6 +175,13 @@ class RLion(RLionBase):
         \theta_t &= \theta_{t-1} - \eta\,(u_t + \lambda\,\theta_{t-1}) \\
         m_t &= \beta_2 m_{t-1} + (1-\beta_2) g_t
         \end{aligned}
+
+    Every implementation caps the multiplier of ``c_t``, ``α_t / (1 − β1^t)`` (``α_t`` without bias
+    correction), at the largest finite float32 ``F ≈ 3.4e38`` (``α`` itself counts as at most ``F``).
+    Uncapped, ``α / RMS`` overflows to ∞ when ``ĉ_t`` is zero (RMS clamped to the smallest normal
+    float32, ``tiny``) and ``∞ · 0`` is NaN; capped, a tensor whose ``ĉ_t`` is zero (LoRA's A while B
+    is zero, zero-initialised branches) gets ``u_t = 0`` and changes only by weight decay. Where
+    the cap binds, ``u_t`` is ``sign(c_t)`` to float32 precision unless ``|c_t| < 1e-31``.
 
     ``|u_t| < 1``, so no step moves a weight by more than ``lr * (1 + weight_decay * |θ|)``.
     As ``alpha → ∞`` RLion is Lion; as ``alpha → 0`` (with ``lr * alpha`` fixed, fixed

@@ -60,7 +60,7 @@ except ImportError as _err:  # pragma: no cover - exercised in an environment wi
 from . import fused_cpu, native
 from .native import pointer_array
 from ._optimizer_base import BLOCKSIZE, RLionBase, as_32bit_state, low_precision_dtypes, validate_hyperparameters
-from .rlion import RLion, rlion_update_
+from .rlion import FLOAT32_MAX, RLion, rlion_update_
 
 __all__ = ["RLion8bit", "PagedRLion8bit", "keep_embeddings_in_32bit", "rlion8bit_reference_update_", "BLOCKSIZE"]
 
@@ -294,7 +294,8 @@ def _run_kernel(
     skipped = (ctypes.c_int32 * count)()
     skipped_count = library.rlion8bit_step_many(
         count, _KERNEL_DTYPES[dtype], param_pointers, grad_pointers, tensors.codes, tensors.absmaxes, tensors.qmaps,
-        tensors.luts, tensors.numels, bias_divs, 1.0 - beta1, 1.0 - beta2, int(bias_correction), alpha,
+        tensors.luts, tensors.numels, bias_divs, 1.0 - beta1, 1.0 - beta2, int(bias_correction),
+        min(alpha, FLOAT32_MAX),  # a float32 argument: never inf
         int(alpha_scaling == "rms"), _TWO_OVER_PI, 1.0 - lr * weight_decay, int(weight_decay != 0.0), -lr,
         int(maximize), threads, split_numel, skipped,
     )  # fmt: skip
@@ -321,7 +322,8 @@ def fused_update_many_(
 
     One call, one parallel region for all tensors. Each tensor gets a read pass right before its
     update: under ``alpha_scaling="rms"`` it sums ĉ² (the per-tensor α is then computed as
-    :func:`hf_rlion.rlion._effective_alpha` computes it, each intermediate rounded to float32),
+    :func:`hf_rlion.rlion._effective_alpha` computes it, each intermediate rounded to float32, and
+    capped as there),
     under ``"fixed"`` it only scans g. That pass also applies the non-finite policy: a tensor whose
     gradient holds NaN/inf is left untouched (parameter, codes, absmax). Returns the indices of
     those tensors (the caller undoes their step count and counts them). Tensors below

@@ -61,7 +61,7 @@ def _float32_update_error(ref_m, grad, step, hp):
     g = -grad if hp["maximize"] else grad
     inv_bc = 1.0 / (1.0 - beta1**step) if hp["bias_correction"] else 1.0
     c_hat = torch.lerp(ref_m, g, 1.0 - beta1) * inv_bc
-    k = _effective_alpha(c_hat, hp["alpha"], hp["alpha_scaling"])
+    k = _effective_alpha(c_hat, hp["alpha"], hp["alpha_scaling"], 1.0 / inv_bc)
     delta = 8 * EPS32 * (ref_m.abs() + g.abs()) * inv_bc
     nearest = ((k * c_hat).abs() - k * delta).clamp(min=0)  # |k·ĉ| at its closest to 0 within the error
     slope = k / (1 + nearest**2)
