@@ -19,7 +19,9 @@ Generic cases, and the ones that do not apply:
 torch / bitsandbytes case                           here
 ==================================================  ======================================================
 optim_infos_do_not_specify_global_cliquey_kwargs    test_optimizer_inputs_leave_the_implementation_to_the_test
-errors (bad arguments, empty/duplicate params)      test_construction_errors, test_duplicate_parameters
+errors (bad arguments, empty/duplicate params)      test_construction_errors(_8bit_options),
+                                                    test_empty_or_non_iterable_params_raise,
+                                                    test_duplicate_parameters
 forloop_goes_right_direction (contiguous or not)    test_goes_right_direction
 param_group_with_lrscheduler_goes_right_direction   test_lr_scheduler_with_param_groups_goes_right_direction
 tensor_lr                                           test_tensor_lr_is_rejected (RLion takes float lr only)
@@ -38,7 +40,9 @@ load_nontensor_step                                 test_load_nontensor_step
 deepcopy_copies_all_public_attrs                    test_deepcopy_and_pickle_continue_identically
 step_pre/post_hook, global step hooks               test_step_hooks
 state_dict_pre/post_hook                            test_state_dict_hooks
-load_state_dict_pre(_and_prepend)/post_hook         test_load_state_dict_hooks
+load_state_dict_pre_hook_and_prepend, post_hook     test_load_state_dict_pre_hooks_run_in_order_and_their_result_is_loaded,
+                                                    test_load_state_dict_post_hooks_see_the_state_as_loaded (xfail),
+                                                    test_load_state_dict_pre_hook_can_adapt_an_older_layout (xfail)
 add_param_group validation                          test_add_param_group_rejects_a_bad_group_and_keeps_none
 closure                                             test_closure_is_called_once_and_its_loss_returned
 zero_grad                                           test_zero_grad
@@ -50,26 +54,23 @@ RLion <-> RLion8bit checkpoints                     test_loading_the_other_class
 differentiable                                      NOT APPLICABLE (see ``NOT_APPLICABLE``)
 capturable, CUDA graphs, fused CUDA grad scaling    NOT APPLICABLE
 sparse gradients (rosenbrock_sparse)                NOT APPLICABLE
-multi-device (forloop_goes_right_direction_multigpu, NOT APPLICABLE
-state_dict_with_cuda_params, cpu_load_state_dict)
+multi-device, CUDA state_dict, cpu_load_state_dict  NOT APPLICABLE
 peak_memory_foreach, foreach/fused_large_tensor     NOT APPLICABLE
 set_default_dtype_works_with_foreach                NOT APPLICABLE
 ==================================================  ======================================================
 
 The not-applicable cases are test functions too: each skips with its reason from ``NOT_APPLICABLE``.
+The two xfail tests wait for a defect of ``RLionBase.load_state_dict`` (``_HOOK_DTYPES_DEFECT``);
+``strict=True`` makes them fail once it is fixed, so that the marker is removed.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import inspect
 import io
-import math
 import pickle
-import warnings
 from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
 import torch
@@ -285,7 +286,8 @@ def assert_states_close(state, other, rtol, atol):
     assert float(state["step"]) == float(other["step"])
     if "state1" in state:
         assert state["state1"].dtype == other["state1"].dtype == torch.uint8
-        assert (state["state1"].int() - other["state1"].int()).abs().max() <= 1 if state["state1"].numel() else True
+        if state["state1"].numel():
+            assert (state["state1"].int() - other["state1"].int()).abs().max() <= 1
         torch.testing.assert_close(state["absmax1"], other["absmax1"], rtol=rtol, atol=atol)
         torch.testing.assert_close(state["qmap1"], other["qmap1"], rtol=0, atol=0)
     else:
@@ -398,7 +400,7 @@ def test_complex_parameters_are_rejected(impl):
 def test_optimizer_can_be_printed(impl):
     w, b, _ = linear_problem()
     text = repr(impl([w, b], lr=0.01, alpha=5.0))
-    assert type(impl([w, b])).__name__ in text and "alpha: 5.0" in text and "lr: 0.01" in text
+    assert impl.optimizer_class.__name__ in text and "alpha: 5.0" in text and "lr: 0.01" in text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,9 +588,9 @@ def test_low_precision_params_keep_float32_state(impl, dtype):
     (RLion8bit); a derived path agrees with its reference on the same low-precision parameters."""
     weight, bias, x = linear_problem(dtype=dtype)
     if dtype not in impl.dtypes:
+        optimizer = impl([weight, bias])
+        closure_for(optimizer, weight, bias, x)()
         with pytest.raises(RuntimeError, match="float"):
-            optimizer = impl([weight, bias])
-            closure_for(optimizer, weight, bias, x)()
             optimizer.step()
         return
     runs = []
