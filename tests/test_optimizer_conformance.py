@@ -56,7 +56,7 @@ capturable, CUDA graphs, fused CUDA grad scaling    NOT APPLICABLE
 sparse gradients (rosenbrock_sparse)                NOT APPLICABLE
 multi-device, CUDA state_dict, cpu_load_state_dict  NOT APPLICABLE
 peak_memory_foreach, foreach/fused_large_tensor     NOT APPLICABLE
-set_default_dtype_works_with_foreach                NOT APPLICABLE
+set_default_dtype_works_with_foreach                test_default_dtype_float64_keeps_float32_step_counts
 ==================================================  ======================================================
 
 The not-applicable cases are test functions too: each skips with its reason from ``NOT_APPLICABLE``.
@@ -204,10 +204,6 @@ NOT_APPLICABLE = {
         "torch's peak-memory and 2**32-element tests are CUDA-only; the CPU paths' temporaries are bounded "
         "by test_fused_cpu.py::test_a_step_allocates_no_tensor_sized_temporaries and "
         "test_rlion8bit.py::test_step_temporary_memory_is_bounded_by_one_tensor_not_the_model."
-    ),
-    "default_dtype": (
-        "set_default_dtype_works_with_foreach is CUDA-only in torch; here the step count is always a "
-        "float32 CPU scalar, whatever the default dtype."
     ),
 }
 
@@ -704,6 +700,24 @@ def test_no_grad_for_some_params(impl):
     optimizer.step()
     assert float(optimizer.state[c]["step"]) == 1 and float(optimizer.state[a]["step"]) == 4
     assert not torch.equal(c.detach(), c_old) and b not in optimizer.state
+
+
+@pytest.mark.parametrize("impl", ALL)
+def test_default_dtype_float64_keeps_float32_step_counts(impl):
+    """torch's set_default_dtype_works_with_foreach, on the CPU: under a float64 default dtype the
+    step count is still a float32 scalar and the path steps exactly as under float32."""
+    runs = []
+    for default in (torch.float64, torch.float32):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(default)
+        try:
+            weight, bias, x = linear_problem(dtype=torch.float32)
+            optimizer, weight, bias, x = _primed(impl, steps=3, params=(weight, bias, x))
+        finally:
+            torch.set_default_dtype(previous)
+        assert all(optimizer.state[p]["step"].dtype == torch.float32 for p in (weight, bias))
+        runs.append((weight, bias))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
 @pytest.mark.parametrize("impl", ALL)
