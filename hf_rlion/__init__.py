@@ -1,12 +1,14 @@
 """hf-rlion: the RLion optimizer for the HuggingFace ecosystem.
 
 ``import hf_rlion`` registers ``--optim rlion``, ``rlion_8bit`` and ``paged_rlion_8bit`` with
-transformers (see :mod:`hf_rlion.transformers_integration`).
+transformers (see :mod:`hf_rlion.transformers_integration`) and ``--opt rlion`` and ``rlion8bit``
+with timm's optimizer factory (see :mod:`hf_rlion.timm_integration`).
 """
 
 from .factory import create_optimizer
 from .registry import OPTIMIZERS, TRANSFORMERS_OPTIMIZER_NAMES
 from .rlion import RLion
+from .timm_integration import register_with_timm
 from .transformers_integration import register_with_transformers
 
 __version__ = "0.1.0"
@@ -17,6 +19,7 @@ __all__ = [
     "PagedRLion8bit",
     "create_optimizer",
     "register_with_transformers",
+    "register_with_timm",
     "OPTIMIZERS",
     "TRANSFORMERS_OPTIMIZER_NAMES",
 ]
@@ -32,3 +35,4 @@ def __getattr__(name):
 
 
 register_with_transformers()
+register_with_timm()
