@@ -441,6 +441,10 @@ def test_two_cpu_ranks_rlion_8bit_push_and_reload(tmp_path, local_hub):
     hyper = data["optimizer"]["hyperparameters"]
     assert hyper["alpha"] == signature["alpha"].default and hyper["alpha_scaling"] == signature["alpha_scaling"].default
     assert "accelerate launch recipes/image_classification.py" in card.text and "--optim rlion_8bit" in card.text
+    # The card's picture is uploaded beside it, and no folder of this machine is named.
+    assert (pushed / "training_curves.png").is_file() and "![Training curves](training_curves.png)" in card.text
+    assert str(tmp_path) not in card.content and "--output_dir path/to/out" in card.text
+    assert f"({model.num_parameters():,})" in card.text and "| Epoch | Step | Training loss |" in card.text
 
 
 @pytest.mark.slow
