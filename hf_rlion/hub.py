@@ -387,9 +387,11 @@ def _results_per_epoch(log_history: Iterable[Mapping]) -> tuple[list[str], list[
     As transformers' Trainer card (``transformers.modelcard.parse_log_history``): epoch, step,
     the training loss (the entry's ``train_loss``, else the last ``loss`` logged before it),
     then each ``eval_*`` value (``eval_loss`` as the validation loss), in order of appearance.
+    An evaluation logged again at the same epoch and step (``trainer.evaluate()`` after the
+    last epoch's) replaces the earlier row.
     """
     columns: list[str] = []
-    rows: list[dict[str, Any]] = []
+    rows: dict[tuple, dict[str, Any]] = {}  # by (epoch, step): a later evaluation of the same weights wins
     training_loss = None
     for entry in log_history:
         if not isinstance(entry, Mapping):
@@ -407,7 +409,8 @@ def _results_per_epoch(log_history: Iterable[Mapping]) -> tuple[list[str], list[
         if not results:
             continue
         columns += [name for name in results if name not in columns]
-        rows.append({"epoch": entry.get("epoch"), "step": entry.get("step"), "train_loss": entry.get("train_loss", training_loss), **results})
+        epoch, step = entry.get("epoch"), entry.get("step")
+        rows[(epoch, step)] = {"epoch": epoch, "step": step, "train_loss": entry.get("train_loss", training_loss), **results}
     titles = {"loss": "Validation loss"}
     header = ["Epoch", "Step", "Training loss"] + [titles.get(name, _METRIC_TITLES.get(name, name)) for name in columns]
 
@@ -422,7 +425,7 @@ def _results_per_epoch(log_history: Iterable[Mapping]) -> tuple[list[str], list[
 
     table = [
         [cell(row["epoch"], "epoch"), cell(row["step"], "step"), cell(row["train_loss"])] + [cell(row.get(c)) for c in columns]
-        for row in rows
+        for row in rows.values()
     ]
     return header, table
 

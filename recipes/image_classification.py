@@ -1098,6 +1098,7 @@ def push_model(trainer: Trainer, model_args, data_args, eval_metrics, token, arg
         training_hyperparameters=hub.training_hyperparameters(args),
         reproduce_command="accelerate launch recipes/image_classification.py " + shlex.join(command_args),
         base_model=model_args.model_name_or_path,
+        repo_id=repo_id,
         tags=["image-classification"],
         license=model_args.license or hub.base_model_license(model_args.model_name_or_path, token=token),
         num_parameters=trainer.model.num_parameters(),
