@@ -13,7 +13,9 @@ of ``timm.optim._optim_factory``). The class is given by its import path, so bit
 imported only when ``rlion8bit`` is built.
 
 ``import hf_rlion`` does not import timm: an import hook registers the names right after timm
-loads its optimizer factory, or at once if it is already loaded.
+loads its optimizer factory, or at once if it is already loaded. This needs timm >= 1.0.12, the
+first release with the optimizer registry; older timm has no place to register names, and
+``opt="rlion"`` stays unknown there.
 
 Where RLion's hyperparameters come from in timm (``create_optimizer_v2`` / ``train.py``):
   - ``lr`` <- ``lr`` / ``--lr``. Without ``--lr``, train.py scales ``--lr-base`` (0.1, meant
