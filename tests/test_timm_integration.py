@@ -13,6 +13,7 @@ What these tests prove:
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import subprocess
@@ -30,6 +31,7 @@ timm = pytest.importorskip("timm")
 from timm.optim import Lookahead, OptimInfo, OptimizerRegistry, create_optimizer_v2, list_optimizers  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NEEDS_BNB = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="rlion8bit needs bitsandbytes")
 
 
 class ConvNet(torch.nn.Module):
@@ -67,7 +69,7 @@ def test_list_optimizers_includes_the_names_and_registration_is_idempotent(caplo
     assert first["rlion"].has_betas and not first["rlion"].has_eps and not first["rlion"].has_momentum
 
 
-@pytest.mark.parametrize("opt, cls_name", [("rlion", "RLion"), ("rlion8bit", "RLion8bit")])
+@pytest.mark.parametrize("opt, cls_name", [("rlion", "RLion"), pytest.param("rlion8bit", "RLion8bit", marks=NEEDS_BNB)])
 def test_create_optimizer_v2_builds_ours_with_timm_grouping_and_betas(opt, cls_name):
     model = ConvNet()
     optimizer = create_optimizer_v2(
@@ -93,7 +95,7 @@ def test_unknown_rlion_option_is_an_error():
         create_optimizer_v2(ConvNet(), opt="rlion", lr=1e-3, no_such_option=1)
 
 
-@pytest.mark.parametrize("opt", ["rlion", "rlion8bit", "lookahead_rlion"])
+@pytest.mark.parametrize("opt", ["rlion", pytest.param("rlion8bit", marks=NEEDS_BNB), "lookahead_rlion"])
 def test_trains_a_timm_vit(opt):
     torch.manual_seed(0)
     model = timm.create_model("test_vit", num_classes=3, pretrained=False, img_size=32)  # timm's tiny test ViT
