@@ -333,7 +333,7 @@ def test_pushed_card_shows_the_uploaded_curves_and_holds_no_local_path(local_hub
     assert str(tmp_path) not in readme and tempfile.gettempdir() + os.sep not in readme
     assert not _ABSOLUTE_PATH.search(readme), _ABSOLUTE_PATH.search(readme)
     assert "--output_dir outputs/vit-digits" in readme  # under the working directory: relative to it
-    assert f"--train_dir path/to/digits" in readme and "--cache_dir=path/to/hf" in readme
+    assert "--train_dir path/to/digits" in readme and "--cache_dir=path/to/hf" in readme
     data = ModelCard(readme).data
     assert data.datasets == ["digits"] and data.base_model is None and "local checkpoint (`base-vit`)" in readme
     assert data.license == "apache-2.0" and data.training_hyperparameters["logging_dir"] == "outputs/vit-digits/runs"
