@@ -1,13 +1,15 @@
 """hf-rlion: the RLion optimizer for the HuggingFace ecosystem.
 
 ``import hf_rlion`` registers ``--optim rlion``, ``rlion_8bit`` and ``paged_rlion_8bit`` with
-transformers (see :mod:`hf_rlion.transformers_integration`) and makes ``Trainer`` resume with
-every model weight or an error (see :mod:`hf_rlion.checkpoints`).
+transformers (see :mod:`hf_rlion.transformers_integration`), makes ``Trainer`` resume with every
+model weight or an error (see :mod:`hf_rlion.checkpoints`), and adds ``--opt rlion`` and
+``rlion8bit`` to timm's optimizer factory (see :mod:`hf_rlion.timm_integration`).
 """
 
 from .factory import create_optimizer
 from .registry import OPTIMIZERS, TRANSFORMERS_OPTIMIZER_NAMES
 from .rlion import RLion
+from .timm_integration import register_with_timm
 from .transformers_integration import register_with_transformers
 
 __version__ = "0.1.0"
@@ -18,6 +20,7 @@ __all__ = [
     "PagedRLion8bit",
     "create_optimizer",
     "register_with_transformers",
+    "register_with_timm",
     "OPTIMIZERS",
     "TRANSFORMERS_OPTIMIZER_NAMES",
 ]
@@ -33,3 +36,4 @@ def __getattr__(name):
 
 
 register_with_transformers()
+register_with_timm()

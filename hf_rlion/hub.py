@@ -3,9 +3,11 @@
 Two functions, used by the recipes after they have saved everything locally:
 
 * :func:`build_model_card` writes a :class:`huggingface_hub.ModelCard` whose YAML front matter
-  holds the ``model-index`` (one ``EvalResult`` per metric), the dataset, the tags (always
-  ``hf-rlion`` and ``rlion``) and the optimizer with its hyperparameters, and whose text says
-  how to load the model and how to reproduce the run.
+  holds the ``model-index`` (one ``EvalResult`` per metric), the dataset, the license, the tags
+  (always ``hf-rlion`` and ``rlion``) and the optimizer with its hyperparameters, and whose text
+  gives the model's size and preprocessing, the results per epoch, the training curves, how to
+  load the model, how to reproduce the run from the recipe in hf-rlion's source repository, and
+  how to cite RLion. No absolute local path appears in it (see :func:`strip_local_paths`).
 * :func:`push_folder_to_hub` writes the card as ``README.md`` into the output folder, then creates
   the repository (``exist_ok``) and uploads the folder in one commit. It never prints, logs or
   writes the token. A failed push raises :class:`HubPushError`, which says that the local output
@@ -23,6 +25,7 @@ import argparse
 import enum
 import glob
 import math
+import os
 import re
 import shlex
 import sys
@@ -37,14 +40,29 @@ from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS as _HUB_IGNORE_
 
 __all__ = [
     "DEFAULT_IGNORE_PATTERNS",
+    "RLION_BIBTEX",
     "HubPushError",
+    "base_model_license",
     "build_model_card",
     "files_containing",
+    "image_preprocessing",
     "optimizer_hyperparameters",
     "push_folder_to_hub",
     "redact_secrets",
+    "strip_local_paths",
     "training_hyperparameters",
 ]
+
+# The RLion paper (Scientific Reports 15, 2025), cited by every card.
+RLION_BIBTEX = """@article{rong2025rlion,
+  title   = {A refined lion optimizer for deep learning},
+  author  = {Rong, Jian and Ma, Chenhao and Zhang, Qinghui and Cao, Yong and Kou, Weili},
+  journal = {Scientific Reports},
+  volume  = {15},
+  year    = {2025},
+  doi     = {10.1038/s41598-025-07112-4},
+  url     = {https://doi.org/10.1038/s41598-025-07112-4}
+}"""
 
 # Files of a training output folder that do not belong in a model repository: transformers'
 # Trainer checkpoints ("checkpoint-500", which Trainer.push_to_hub skips too, with "_*"),
@@ -230,6 +248,230 @@ def _default_usage_code(task: str, repo_id: str) -> str:
     return f'from transformers import {auto_class}\n\nmodel = {auto_class}.from_pretrained("{repo_id}")'
 
 
+# An absolute POSIX path (/home/me/runs) or Windows path (C:\runs) standing on its own: not the
+# path part of a URL (https://host/a/b), of a Hub id (org/name) or of a relative path (runs/a).
+_ABSOLUTE_PATH = re.compile(r"""(?<![\w.~:/\\-])(?:/|[A-Za-z]:[\\/])[^\s'"`<>|()\[\]{},;]+""")
+
+
+def strip_local_paths(text: str, *, cwd: str | Path | None = None) -> str:
+    """``text`` with every absolute local path made relative or replaced, for a public card.
+
+    A path under ``cwd`` (default: the working directory; unless that is ``/`` or the home
+    directory) becomes relative to it (``/work/hf-rlion/outputs/run1`` -> ``outputs/run1``, as
+    the recipes' command lines run from the repository root); any other becomes
+    ``path/to/<its last component>`` (``/data/caltech-101`` -> ``path/to/caltech-101``, the tmp
+    and cache folders too). URLs, Hub ids and relative paths are left as they are.
+    """
+    base = os.path.abspath(cwd if cwd is not None else os.getcwd())
+    shared_roots = {os.path.abspath(os.sep), os.path.abspath(os.path.expanduser("~"))}
+
+    def replace(match: re.Match) -> str:
+        path = match.group(0)
+        stripped = path.rstrip(".:")  # sentence punctuation after a path
+        trailing = path[len(stripped) :]
+        if base not in shared_roots and "\\" not in stripped:
+            normalized = os.path.normpath(stripped)
+            if normalized == base or normalized.startswith(base.rstrip(os.sep) + os.sep):
+                return os.path.relpath(normalized, base) + trailing
+        name = [part for part in re.split(r"[\\/]", stripped) if part][-1:]
+        return "/".join(["path", "to", *name]) + trailing
+
+    return _ABSOLUTE_PATH.sub(replace, text)
+
+
+def _is_local_path(name: str) -> bool:
+    """Whether ``name`` names a local file or folder rather than a Hub id (``org/name``)."""
+    return bool(_ABSOLUTE_PATH.fullmatch(name)) or name.startswith(("./", "../", "~")) or Path(name).exists()
+
+
+def _size_field(size, key: str):
+    """``size[key]`` of a transformers size (a dict, or a ``SizeDict`` with attributes); ``None`` if absent."""
+    if size is None:
+        return None
+    value = size.get(key) if isinstance(size, Mapping) else getattr(size, key, None)
+    return int(value) if value else None
+
+
+def _interpolation_name(value) -> str | None:
+    """``"bicubic"`` for PIL's ``Resampling.BICUBIC`` (or its int 3), torchvision's ``InterpolationMode.BICUBIC``, ``"bicubic"``."""
+    if value is None or isinstance(value, str):
+        return value.lower() if value else None
+    if getattr(value, "name", None):
+        return value.name.lower()
+    if isinstance(value, int):
+        from PIL import Image
+
+        try:
+            return Image.Resampling(value).name.lower()
+        except ValueError:
+            pass
+    return str(value)
+
+
+def image_preprocessing(source) -> dict[str, Any]:
+    """The evaluation preprocessing of an image model, for :func:`build_model_card` (``preprocessing=``).
+
+    ``source`` is a transformers image processor or a timm data config
+    (``timm.data.resolve_data_config(model=model)``). Returns those of these keys that are known:
+    ``image_size`` ``[height, width]`` (the processor's ``crop_size`` when it center-crops, else
+    its ``size``; timm's ``input_size``), ``resize_shortest_edge``, ``crop_pct`` (the resized
+    image is cropped to ``image_size``, a fraction ``crop_pct`` of its shorter side),
+    ``crop_mode``, ``interpolation`` (``"bicubic"`` ...), ``mean`` and ``std``.
+    """
+    if isinstance(source, Mapping):
+        if "input_size" not in source:
+            raise ValueError(f"image_preprocessing: a timm data config has 'input_size', got keys {sorted(source)}")
+        values = {
+            "image_size": [int(v) for v in tuple(source["input_size"])[-2:]],
+            "crop_pct": source.get("crop_pct"),
+            "crop_mode": source.get("crop_mode"),
+            "interpolation": _interpolation_name(source.get("interpolation")),
+            "mean": source.get("mean"),
+            "std": source.get("std"),
+        }
+    else:
+        size, crop = getattr(source, "size", None), getattr(source, "crop_size", None)
+        crops = bool(getattr(source, "do_center_crop", False)) and crop is not None
+        shown = crop if crops else size
+        height = _size_field(shown, "height") or _size_field(shown, "shortest_edge")
+        width = _size_field(shown, "width") or _size_field(shown, "shortest_edge")
+        values = {
+            "image_size": [height, width] if height and width else None,
+            "resize_shortest_edge": _size_field(size, "shortest_edge"),
+            "crop_pct": getattr(source, "crop_pct", None),
+            "crop_mode": "center" if crops else None,
+            "interpolation": _interpolation_name(getattr(source, "resample", None)),
+            "mean": getattr(source, "image_mean", None),
+            "std": getattr(source, "image_std", None),
+        }
+    return {key: _yaml_safe(value) for key, value in values.items() if value is not None}
+
+
+def base_model_license(base_model: str | None, *, token: str | None = None, endpoint: str | None = None) -> str | None:
+    """The ``license`` of ``base_model``'s model card, or ``None`` where it is unknown.
+
+    ``base_model`` is a local folder (its ``README.md`` is read) or a Hub id (its ``README.md``
+    is downloaded through the Hub cache; nothing is tried with ``HF_HUB_OFFLINE`` set). A card
+    without a license, a missing card, or a Hub that cannot be reached gives ``None`` (the last
+    with a warning), so the caller can fall back to an explicit ``--license``.
+    """
+    from huggingface_hub import constants, hf_hub_download
+
+    if not base_model:
+        return None
+    folder = Path(base_model).expanduser()
+    if folder.is_dir():
+        readme = folder / "README.md"
+        return ModelCard.load(readme, ignore_metadata_errors=True).data.license if readme.is_file() else None
+    if _is_local_path(base_model) or constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        readme = hf_hub_download(base_model, "README.md", token=token, endpoint=endpoint)
+    except Exception as err:  # no card, no access or no network: the license stays unknown
+        warnings.warn(
+            f"could not read the license of {base_model!r} from its model card ({type(err).__name__}); "
+            "pass the license explicitly",
+            stacklevel=2,
+        )
+        return None
+    return ModelCard.load(readme, ignore_metadata_errors=True).data.license
+
+
+# Logged values that describe the evaluation run, not the model (transformers' Trainer and the recipes).
+_NOT_A_RESULT = ("runtime", "per_second", "_time", "samples", "num_")
+
+
+def _results_per_epoch(log_history: Iterable[Mapping]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the per-epoch results table: one row per logged evaluation.
+
+    As transformers' Trainer card (``transformers.modelcard.parse_log_history``): epoch, step,
+    the training loss (the entry's ``train_loss``, else the last ``loss`` logged before it),
+    then each ``eval_*`` value (``eval_loss`` as the validation loss), in order of appearance.
+    An evaluation logged again at the same epoch and step (``trainer.evaluate()`` after the
+    last epoch's) replaces the earlier row.
+    """
+    columns: list[str] = []
+    rows: dict[tuple, dict[str, Any]] = {}  # by (epoch, step): a later evaluation of the same weights wins
+    training_loss = None
+    for entry in log_history:
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"log_history must be a list of dicts (Trainer.state.log_history), got {entry!r}")
+        if "loss" in entry:
+            training_loss = entry["loss"]
+        results = {
+            key.removeprefix("eval_"): value
+            for key, value in entry.items()
+            if key.startswith("eval_")
+            and isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and not any(part in key for part in _NOT_A_RESULT)
+        }
+        if not results:
+            continue
+        columns += [name for name in results if name not in columns]
+        epoch, step = entry.get("epoch"), entry.get("step")
+        rows[(epoch, step)] = {"epoch": epoch, "step": step, "train_loss": entry.get("train_loss", training_loss), **results}
+    titles = {"loss": "Validation loss"}
+    header = ["Epoch", "Step", "Training loss"] + [titles.get(name, _METRIC_TITLES.get(name, name)) for name in columns]
+
+    def cell(value, style: str = "value") -> str:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            return "-" if value is None else str(value)
+        if style == "epoch":
+            return f"{round(value, 2):g}"  # 1.0 -> 1, 0.333 -> 0.33
+        if style == "step" or isinstance(value, int):
+            return str(int(value))
+        return f"{value:.4f}"
+
+    table = [
+        [cell(row["epoch"], "epoch"), cell(row["step"], "step"), cell(row["train_loss"])] + [cell(row.get(c)) for c in columns]
+        for row in rows.values()
+    ]
+    return header, table
+
+
+def _markdown_grid(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _source_repository_url() -> str | None:
+    """hf-rlion's source repository, from the installed package's ``Project-URL`` metadata (``Source``/``Repository``)."""
+    import importlib.metadata
+
+    try:
+        urls = importlib.metadata.metadata("hf-rlion").get_all("Project-URL") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for entry in urls:
+        label, _, url = entry.partition(",")
+        if label.strip().lower() in ("source", "repository", "source code", "code") and url.strip():
+            return url.strip()
+    return None
+
+
+def _reproduce_section(command: str) -> list[str]:
+    """How to rerun ``command``: a recipe of hf-rlion's repository (not in the wheel) is run from a clone of it."""
+    recipe = re.search(r"(?:^|\s)(recipes/[\w./-]+\.py)\b", command)
+    if recipe is None:
+        return [
+            "## How to reproduce",
+            "The command line of this run (secrets removed, local paths replaced):",
+            f"```bash\n{command}\n```",
+        ]
+    url = _source_repository_url()
+    clone = f"git clone {url} hf-rlion && cd hf-rlion\n" if url else "# in a clone of the hf-rlion source repository:\n"
+    where = f"[hf-rlion's source repository]({url})" if url else "hf-rlion's source repository"
+    return [
+        "## How to reproduce",
+        f"The training script is `{recipe.group(1)}` in {where}; the recipes are not part of the "
+        "`hf-rlion` package, so clone the repository (the hf-rlion version under *Framework versions*) "
+        "and run the script from its root with the arguments of this run (secrets removed, local "
+        "paths replaced by relative ones or `path/to/...`):",
+        f"```bash\n{clone}pip install -e \".[recipes]\"\n{command}\n```",
+    ]
+
+
 def build_model_card(
     *,
     model_name: str,
@@ -248,6 +490,10 @@ def build_model_card(
     repo_id: str | None = None,
     usage_code: str | None = None,
     extra_sections: dict[str, str] | None = None,
+    num_parameters: int | None = None,
+    preprocessing: dict | None = None,
+    log_history: list[dict] | None = None,
+    training_curves: str | None = None,
 ) -> ModelCard:
     """A model card for a model trained with hf-rlion, ready to ``save`` or :func:`push_folder_to_hub`.
 
@@ -266,17 +512,32 @@ def build_model_card(
             dropped, ``hf_...`` token values are redacted).
         reproduce_command: the command line that reproduces the run (tokens redacted).
         dataset_config / dataset_split: the dataset configuration and evaluated split, if any.
-        base_model: the Hub id of the checkpoint this model was fine-tuned from, if any.
+        base_model: the Hub id of the checkpoint this model was fine-tuned from, if any (a local
+            folder is named by its last component and not linked).
         tags: more tags; ``hf-rlion``, ``rlion``, the optimizer name and ``task`` are always added.
-        license: an SPDX-style license id for the card, if known.
+        license: the Hub's license id (``apache-2.0``, ``mit``, ``other`` ...), if known; e.g.
+            ``--license`` or :func:`base_model_license`.
         repo_id: the Hub repository id, used in the "How to use" snippet (default: ``model_name``).
         usage_code: Python code for "How to use" (default: ``from_pretrained`` with the transformers
             Auto class for ``task``, e.g. ``AutoModelForImageClassification``).
         extra_sections: more Markdown sections, title -> body, appended in order.
+        num_parameters: the model's parameter count (``model.num_parameters()``).
+        preprocessing: the evaluation preprocessing, from :func:`image_preprocessing` (image
+            size, crop, interpolation, normalisation), or a dict with its keys and ``resize``
+            (a description).
+        log_history: ``Trainer.state.log_history`` (or records with ``epoch``, ``step``,
+            ``train_loss`` and ``eval_*`` values): one row per evaluation in "Training results".
+        training_curves: the path, relative to the pushed folder, of a training-curves picture
+            (``"training_curves.png"``), shown in the card; :func:`push_folder_to_hub` warns if
+            the folder does not hold it.
+
+    Every absolute local path in the card (output and data folders in the command line,
+    hyperparameter values ...) is made relative or replaced (:func:`strip_local_paths`).
 
     Raises:
         ValueError: naming the argument, for an empty name/task/dataset/optimizer, a metric that
-            is not a finite number, or hyperparameters that are not a dict.
+            is not a finite number, hyperparameters that are not a dict, or a ``training_curves``
+            path that is absolute or leaves the folder.
     """
     # transformers passes some names as str-valued enums (training_args.optim is OptimizerNames):
     # use their values, so the card says "rlion", not "OptimizerNames.RLION".
@@ -302,7 +563,17 @@ def build_model_card(
     optimizer_hparams = _public_hyperparameters("optimizer_hyperparameters", optimizer_hyperparameters)
     training_hparams = _public_hyperparameters("training_hyperparameters", training_hyperparameters)
     reproduce_command = redact_secrets(reproduce_command.strip())
-    dataset_id = Path(dataset_name).name if ("/" in dataset_name and Path(dataset_name).exists()) else dataset_name
+    dataset_id = Path(dataset_name).name if _is_local_path(dataset_name) else dataset_name
+    local_base_model = Path(base_model).name if base_model and _is_local_path(base_model) else None
+    if local_base_model:
+        base_model = None  # the card's base_model must be a Hub id
+    if training_curves is not None:
+        curves = Path(str(training_curves))
+        if not str(training_curves).strip() or curves.is_absolute() or ".." in curves.parts:
+            raise ValueError(f"training_curves must be a path relative to the pushed folder, got {training_curves!r}")
+        training_curves = curves.as_posix()
+    if num_parameters is not None and (isinstance(num_parameters, bool) or not isinstance(num_parameters, int) or num_parameters < 0):
+        raise ValueError(f"num_parameters must be a count >= 0, got {num_parameters!r}")
 
     all_tags = ["hf-rlion", "rlion", optimizer, task]
     for tag in tags or []:
@@ -337,7 +608,10 @@ def build_model_card(
     )
 
     dataset_text = f"`{dataset_id}`" + (f" (config `{dataset_config}`)" if dataset_config else "")
-    origin = f"fine-tuned from [`{base_model}`](https://huggingface.co/{base_model})" if base_model else "trained"
+    if base_model:
+        origin = f"fine-tuned from [`{base_model}`](https://huggingface.co/{base_model})"
+    else:
+        origin = f"fine-tuned from a local checkpoint (`{local_base_model}`)" if local_base_model else "trained"
     sections = [
         f"# {model_name}",
         f"This model was {origin} for **{task}** on {dataset_text} with the **{optimizer}** optimizer"
@@ -356,6 +630,12 @@ def build_model_card(
             f"On {dataset_text}{split}:",
             _markdown_table(("Metric", "Value"), ((_METRIC_TITLES.get(k, k), f"{v:.4f}") for k, v in clean_metrics.items())),
         ]
+    details = []
+    if num_parameters is not None:
+        details.append(f"- **Parameters:** {num_parameters / 1e6:.2f} M ({num_parameters:,})")
+    details += _preprocessing_lines(preprocessing or {})
+    if details:
+        sections += ["## Model details", "\n".join(details)]
     sections += [
         "## Optimizer",
         f"`{optimizer}` with:" if optimizer_hparams else f"`{optimizer}` with its defaults.",
@@ -364,21 +644,53 @@ def build_model_card(
         sections.append(_markdown_table(("Hyperparameter", "Value"), optimizer_hparams.items()))
     if training_hparams:
         sections += ["## Training hyperparameters", _markdown_table(("Hyperparameter", "Value"), training_hparams.items())]
+    header, rows = _results_per_epoch(log_history or [])
+    if rows or training_curves:
+        sections.append("## Training results")
+    if rows:
+        sections.append(_markdown_grid(header, rows))
+    if training_curves:
+        sections.append(f"![Training curves]({training_curves})")
     sections += [
         "## How to use",
         f"```python\n{usage_code.strip() if usage_code else _default_usage_code(task, repo_id or model_name)}\n```",
-        "## How to reproduce",
-        "With `pip install hf-rlion[recipes]`:",
-        f"```bash\n{reproduce_command}\n```",
+        *_reproduce_section(reproduce_command),
     ]
     for title, body in (extra_sections or {}).items():
         sections += [f"## {title}", body.strip()]
+    sections += [
+        "## License",
+        f"This model is released under the `{license}` license." if license else "No license was given for this model.",
+    ]
     versions = _framework_versions()
     if versions:
         sections += ["## Framework versions", "\n".join(f"- {name} {version}" for name, version in versions)]
+    sections += ["## Citation", "RLion, the optimizer this model was trained with or compared against:", f"```bibtex\n{RLION_BIBTEX}\n```"]
 
     content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
-    return ModelCard(content)
+    return ModelCard(strip_local_paths(content))
+
+
+def _preprocessing_lines(preprocessing: Mapping) -> list[str]:
+    """Markdown bullets for :func:`image_preprocessing`'s keys (others as ``key: value``)."""
+    values = dict(_public_hyperparameters("preprocessing", preprocessing))
+    lines = []
+    size = values.pop("image_size", None)
+    if size:
+        lines.append(f"- **Image size:** {' x '.join(str(v) for v in size) if isinstance(size, list) else size}")
+    if "resize_shortest_edge" in values:
+        lines.append(f"- **Resize:** shorter side to {values.pop('resize_shortest_edge')}")
+    if "resize" in values:
+        lines.append(f"- **Resize:** {values.pop('resize')}")
+    if "crop_mode" in values or "crop_pct" in values:
+        crop = values.pop("crop_mode", "center")
+        lines.append(f"- **Crop:** {crop}" + (f", crop_pct {values.pop('crop_pct')}" if "crop_pct" in values else ""))
+    if "interpolation" in values:
+        lines.append(f"- **Interpolation:** {values.pop('interpolation')}")
+    if "mean" in values or "std" in values:
+        lines.append(f"- **Normalisation:** mean {values.pop('mean', None)}, std {values.pop('std', None)}")
+    lines += [f"- **{key}:** {value}" for key, value in values.items()]
+    return lines
 
 
 def files_containing(folder: str | Path, secret: str, relative_paths: Iterable[str]) -> list[str]:
@@ -403,6 +715,19 @@ def _files_to_upload(folder: Path, ignore_patterns: list[str]) -> list[str]:
     """The relative paths upload_folder would send (same filter, same default ignores)."""
     relative = [p.relative_to(folder).as_posix() for p in sorted(folder.glob("**/*")) if p.is_file()]
     return list(filter_repo_objects(relative, ignore_patterns=ignore_patterns + list(_HUB_IGNORE_PATTERNS)))
+
+
+_MARKDOWN_PICTURE = re.compile(r"!\[[^\]]*\]\(\s*<?([^)\s>]+)")
+
+
+def _card_pictures(text: str) -> list[str]:
+    """The local pictures a card shows (``![...](training_curves.png)``), as paths relative to its folder."""
+    paths = []
+    for target in _MARKDOWN_PICTURE.findall(text):
+        if "://" in target or target.startswith(("data:", "#", "/")):
+            continue
+        paths.append(Path(target).as_posix())
+    return list(dict.fromkeys(paths))
 
 
 def _retry_hint(folder: Path, repo_id: str) -> str:
@@ -459,6 +784,16 @@ def push_folder_to_hub(
         card.save(folder / "README.md")
     elif not (folder / "README.md").is_file():
         warnings.warn(f"{folder} has no README.md: the repository will have no model card", stacklevel=2)
+    ignore_patterns = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns)
+    uploads = _files_to_upload(folder, ignore_patterns)
+    if (folder / "README.md").is_file():
+        missing = [p for p in _card_pictures((folder / "README.md").read_text(encoding="utf-8")) if p not in uploads]
+        if missing:
+            warnings.warn(
+                f"the model card shows {', '.join(missing)}, which {folder} does not hold (or ignore_patterns "
+                "leave out): the picture will be missing on the Hub",
+                stacklevel=2,
+            )
 
     token = token if token is not None else get_token()
     if not token:
@@ -466,8 +801,7 @@ def push_folder_to_hub(
             f"Cannot push {folder} to {repo_id!r}: no Hugging Face token. Set HF_TOKEN, run "
             "`hf auth login`, or pass token=... (a token with write access). " + _retry_hint(folder, repo_id)
         )
-    ignore_patterns = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns)
-    leaking = files_containing(folder, token, _files_to_upload(folder, ignore_patterns))
+    leaking = files_containing(folder, token, uploads)
     if leaking:
         warnings.warn(
             f"Not pushing {', '.join(leaking)} from {folder}: the file contains your Hub token "

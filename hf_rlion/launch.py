@@ -5,7 +5,8 @@
 
 The script runs as ``__main__`` with ``sys.argv = [SCRIPT.py, ARGS...]``, exactly as
 ``python SCRIPT.py ARGS...`` would run it, except that ``--optim rlion`` (and ``rlion_8bit``,
-``paged_rlion_8bit``) are valid choices of transformers' ``HfArgumentParser``. When the script
+``paged_rlion_8bit``) are valid choices of transformers' ``HfArgumentParser`` and ``--opt rlion``
+(and ``rlion8bit``, ``lookahead_rlion``) of timm's ``train.py``. When the script
 returns normally in a multi-process run, each rank waits for the others and exits with
 :func:`hf_rlion.distributed_exit.exit_distributed_run`, so no rank aborts at interpreter exit.
 """
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     import hf_rlion
 
     hf_rlion.register_with_transformers()
+    hf_rlion.register_with_timm()
     sys.argv = [script] + argv[1:]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     runpy.run_path(script, run_name="__main__")

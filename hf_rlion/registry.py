@@ -1,7 +1,7 @@
 """One registry of optimizer names: what each name builds and which keyword arguments it takes.
 
-Used by :func:`hf_rlion.create_optimizer`, by the transformers registration (``--optim``)
-and by the recipes, so a name means the same thing everywhere.
+Used by :func:`hf_rlion.create_optimizer`, by the transformers registration (``--optim``),
+by the timm registration (``--opt``) and by the recipes, so a name means the same thing everywhere.
 """
 
 from __future__ import annotations
@@ -12,6 +12,10 @@ from typing import Any, Callable
 
 # The names hf_rlion adds to transformers' ``--optim``.
 TRANSFORMERS_OPTIMIZER_NAMES = ("rlion", "rlion_8bit", "paged_rlion_8bit")
+
+# The names hf_rlion adds to timm's optimizer factory (``--opt``), each mapped to its name here.
+# timm reads ``a_b`` as optimizer ``b`` with modifier ``a`` (``lookahead_rlion``), so no underscores.
+TIMM_OPTIMIZER_NAMES = {"rlion": "rlion", "rlion8bit": "rlion_8bit"}
 
 _RLION_KEYS = ("alpha", "alpha_scaling", "bias_correction", "beta1", "beta2", "maximize", "foreach", "fused")
 _RLION_8BIT_KEYS = (

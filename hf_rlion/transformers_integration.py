@@ -38,15 +38,13 @@ Where RLion's hyperparameters come from under Trainer:
 from __future__ import annotations
 
 import functools
-import importlib.abc
-import importlib.machinery
 import logging
 import os
 import sys
-import threading
 import warnings
 from typing import Any
 
+from ._import_hook import PatchAfterImport
 from .registry import TRANSFORMERS_OPTIMIZER_NAMES, get_spec, optimizer_kwargs, parse_optim_args
 
 logger = logging.getLogger(__name__)
@@ -175,33 +173,7 @@ def _patch_module(module_name: str, module: Any) -> None:
 _TARGETS = ("transformers.training_args", "transformers.trainer")
 
 
-class _PatchAfterImport(importlib.abc.MetaPathFinder):
-    """Import hook: run :func:`_patch_module` right after a target module has executed."""
-
-    _local = threading.local()
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname not in _TARGETS or getattr(self._local, "busy", False):
-            return None
-        self._local.busy = True
-        try:
-            spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        finally:
-            self._local.busy = False
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        loader = spec.loader
-        original_exec = loader.exec_module
-
-        def exec_module(module):
-            original_exec(module)
-            _patch_module(fullname, module)
-
-        loader.exec_module = exec_module
-        return spec
-
-
-_hook = _PatchAfterImport()
+_hook = PatchAfterImport(_TARGETS, _patch_module)
 
 
 def register_with_transformers() -> None:
@@ -209,18 +181,14 @@ def register_with_transformers() -> None:
 
     Called by ``import hf_rlion``. Safe to call again, and when transformers is not installed.
     """
-    for name in _TARGETS:
-        if name in sys.modules:
-            _patch_module(name, sys.modules[name])
-    if _hook not in sys.meta_path:
-        sys.meta_path.insert(0, _hook)
+    _hook.install()
 
 
 def is_registered() -> bool:
     """Whether the loaded transformers modules know hf_rlion's names."""
     training_args = sys.modules.get("transformers.training_args")
     trainer = sys.modules.get("transformers.trainer")
-    ok = _hook in sys.meta_path
+    ok = _hook.installed()
     if training_args is not None:
         ok &= all(n in training_args.OptimizerNames._value2member_map_ for n in TRANSFORMERS_OPTIMIZER_NAMES)
     if trainer is not None:

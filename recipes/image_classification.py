@@ -148,6 +148,10 @@ class ModelArguments:
         default=True,
         metadata={"help": "Replace a pretrained classifier head whose number of labels differs from the dataset's."},
     )
+    license: Optional[str] = field(
+        default=None,
+        metadata={"help": "License id for the pushed model's card (apache-2.0, mit, ...). Default: the base model's."},
+    )
 
 
 @dataclass
@@ -1094,7 +1098,13 @@ def push_model(trainer: Trainer, model_args, data_args, eval_metrics, token, arg
         training_hyperparameters=hub.training_hyperparameters(args),
         reproduce_command="accelerate launch recipes/image_classification.py " + shlex.join(command_args),
         base_model=model_args.model_name_or_path,
+        repo_id=repo_id,
         tags=["image-classification"],
+        license=model_args.license or hub.base_model_license(model_args.model_name_or_path, token=token),
+        num_parameters=trainer.model.num_parameters(),
+        preprocessing=hub.image_preprocessing(trainer.processing_class),
+        log_history=trainer.state.log_history,
+        training_curves="training_curves.png" if os.path.isfile(os.path.join(args.output_dir, "training_curves.png")) else None,
     )
     url = hub.push_folder_to_hub(
         args.output_dir,

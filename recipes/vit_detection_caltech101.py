@@ -507,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--push_to_hub", action="store_true")
     o.add_argument("--hub_model_id", default=None, help="default: the output folder's name")
     o.add_argument("--hub_private_repo", action="store_true", default=None)
+    o.add_argument("--license", default=None, help="license id for the pushed model's card (default: the backbone's)")
     return p
 
 
@@ -878,12 +879,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             plot_training_curves(state["history"], output_dir / "training_curves.png", f"ViT on Caltech101 {categories[:3]}, {args.optim}")
         accelerator.print(json.dumps(test_metrics, indent=1))
         if args.push_to_hub:
-            push(args, output_dir, test_metrics, results, categories, unwrapped.config)
+            push(args, output_dir, test_metrics, results, categories, unwrapped)
     accelerator.wait_for_everyone()
     return {"eval": test_metrics, "all": results}
 
 
-def push(args, output_dir: Path, test_metrics: dict, results: dict, categories: list[str], config) -> str:
+def push(args, output_dir: Path, test_metrics: dict, results: dict, categories: list[str], model) -> str:
     """Push ``output_dir`` (without checkpoints) with a model card, through hf_rlion.hub."""
     from hf_rlion import hub
 
@@ -912,7 +913,7 @@ def push(args, output_dir: Path, test_metrics: dict, results: dict, categories: 
             "num_processes": results["num_processes"],
             "lr_scheduler_type": args.lr_scheduler_type,
             "warmup_steps": args.warmup_steps,
-            "loss": config.loss,
+            "loss": model.config.loss,
             "seed": args.seed,
         },
         reproduce_command=command,
@@ -926,6 +927,17 @@ def push(args, output_dir: Path, test_metrics: dict, results: dict, categories: 
             "boxes = model(pixel_values).pred_boxes  # normalised (x1, y1, x2, y2)"
         ),
         tags=["vision", "object-detection", "vit", "caltech101"],
+        license=args.license or hub.base_model_license(args.backbone_name_or_path),
+        num_parameters=model.num_parameters(),
+        preprocessing={  # to_pixel_values
+            "image_size": [model.config.image_size] * 2,
+            "resize": "the whole image to the square (aspect ratio not kept), no crop",
+            "interpolation": "bilinear",
+            "mean": [PIXEL_MEAN] * 3,
+            "std": [PIXEL_STD] * 3,
+        },
+        log_history=json.loads((output_dir / "log_history.json").read_text()),
+        training_curves="training_curves.png" if (output_dir / "training_curves.png").is_file() else None,
         extra_sections={
             "Predictions on test images": "![true (green) and predicted (red) boxes](predictions.png)",
             "Baseline for context": (

@@ -10,7 +10,12 @@ What these tests prove:
   download endpoints) and gives the same logits; checkpoints are not pushed;
 * pushing without a token, with a wrong token, or to an unreachable Hub raises HubPushError with
   a retry command, leaves the local output intact, and the retry command then succeeds;
-* the token appears in no pushed file and no captured output.
+* the token appears in no pushed file and no captured output;
+* the card gives the parameter count, the preprocessing (from a transformers image processor or
+  a timm data config), a per-epoch results table from the log history, the training-curves
+  picture (uploaded with the model, linked by a relative path), the license (given, or read from
+  the base model's card), the RLion BibTeX entry and how to rerun the recipe from a clone of the
+  repository; a pushed card holds no absolute path of the machine (tmp, data, cache, output dirs).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import warnings
 from pathlib import Path
@@ -147,6 +153,87 @@ def test_model_card_never_contains_a_token():
     assert ModelCard(kept.content).data.training_hyperparameters == {"tokenizer_name": "gpt2"}
 
 
+TRAINER_LOG_HISTORY = [  # the shape of Trainer.state.log_history with eval_strategy="epoch"
+    {"loss": 2.31, "grad_norm": 1.0, "learning_rate": 1e-3, "epoch": 0.5, "step": 4},
+    {"eval_loss": 1.9, "eval_accuracy": 0.4, "eval_top5_accuracy": 0.9, "eval_runtime": 0.5,
+     "eval_samples_per_second": 128.0, "eval_steps_per_second": 8.0, "epoch": 1.0, "step": 8},
+    {"loss": 1.25, "grad_norm": 1.0, "learning_rate": 5e-4, "epoch": 1.5, "step": 12},
+    {"eval_loss": 1.1, "eval_accuracy": 0.75, "eval_top5_accuracy": 1.0, "eval_runtime": 0.5,
+     "eval_samples_per_second": 128.0, "eval_steps_per_second": 8.0, "epoch": 2.0, "step": 16},
+    {"train_runtime": 9.0, "train_samples_per_second": 1.0, "train_loss": 1.7, "epoch": 2.0, "step": 16},
+    {"eval_loss": 1.1, "eval_accuracy": 0.75, "eval_top5_accuracy": 1.0, "epoch": 2.0, "step": 16},  # trainer.evaluate()
+]  # fmt: skip
+
+
+def test_model_card_details_results_license_citation_and_reproduce_section():
+    from transformers import ViTImageProcessor
+
+    from hf_rlion.hub import image_preprocessing
+
+    processor = ViTImageProcessor(size={"height": 32, "width": 32}, resample=3)  # 3: PIL's BICUBIC
+    num_parameters = tiny_vit().num_parameters()
+    card = build_model_card(
+        **card_kwargs(
+            license="mit",
+            num_parameters=num_parameters,
+            preprocessing=image_preprocessing(processor),
+            log_history=TRAINER_LOG_HISTORY,
+            training_curves="training_curves.png",
+        )
+    )
+    parsed = ModelCard(card.content)
+    text = parsed.text
+    assert parsed.data.license == "mit" and "This model is released under the `mit` license." in text
+    assert f"- **Parameters:** {num_parameters / 1e6:.2f} M ({num_parameters:,})" in text
+    assert "- **Image size:** 32 x 32" in text and "- **Interpolation:** bicubic" in text
+    assert "- **Normalisation:** mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5]" in text
+    # One row per evaluation, training loss = the last logged before it; timings left out.
+    assert "| Epoch | Step | Training loss | Validation loss | Accuracy | Top-5 accuracy |" in text
+    assert "| 1 | 8 | 2.3100 | 1.9000 | 0.4000 | 0.9000 |" in text
+    assert text.count("| 2 | 16 | 1.2500 | 1.1000 | 0.7500 | 1.0000 |") == 1  # the final evaluate() is not a new row
+    assert "runtime" not in text.lower() and "per_second" not in text
+    assert "![Training curves](training_curves.png)" in text
+    assert "```bibtex\n@article{rong2025rlion," in text
+    assert "author  = {Rong, Jian and Ma, Chenhao and Zhang, Qinghui and Cao, Yong and Kou, Weili}" in text
+    assert "journal = {Scientific Reports}" in text and "volume  = {15}" in text and "year    = {2025}" in text
+    assert "doi     = {10.1038/s41598-025-07112-4}" in text
+    # The recipe lives in the repository, not in the wheel: clone, install, run the same command.
+    reproduce = text.split("## How to reproduce")[1].split("\n## ")[0]
+    assert "`recipes/image_classification.py`" in reproduce and "clone the repository" in reproduce
+    assert 'pip install -e ".[recipes]"\naccelerate launch recipes/image_classification.py --optim rlion' in reproduce
+    assert "pip install hf-rlion[recipes]" not in text
+
+    timm = pytest.importorskip("timm")
+    from timm.data import resolve_data_config
+
+    data_config = resolve_data_config({}, model=timm.create_model("test_vit", pretrained=False))
+    assert image_preprocessing(data_config) == {
+        "image_size": [160, 160], "crop_pct": 0.95, "crop_mode": "center", "interpolation": "bicubic",
+        "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+    }  # fmt: skip
+    timm_card = build_model_card(**card_kwargs(preprocessing=image_preprocessing(data_config))).text
+    assert "- **Image size:** 160 x 160" in timm_card and "- **Crop:** center, crop_pct 0.95" in timm_card
+    unlicensed = build_model_card(**card_kwargs())
+    assert ModelCard(unlicensed.content).data.license is None and "No license was given" in unlicensed.text
+    with pytest.raises(ValueError, match="^training_curves"):
+        build_model_card(**card_kwargs(training_curves="/tmp/curves.png"))
+
+
+def test_strip_local_paths_keeps_urls_hub_ids_and_relative_paths(tmp_path):
+    from hf_rlion.hub import strip_local_paths
+
+    repo = tmp_path / "hf-rlion"
+    text = (
+        f"python recipes/x.py --output_dir {repo}/outputs/run1 --data_dir=/data/caltech-101 "
+        f"--cache_dir /root/.cache/hf_rlion. See https://huggingface.co/org/name, org/name, runs/a, C:\\Users\\me\\data"
+    )
+    assert strip_local_paths(text, cwd=repo) == (
+        "python recipes/x.py --output_dir outputs/run1 --data_dir=path/to/caltech-101 "
+        "--cache_dir path/to/hf_rlion. See https://huggingface.co/org/name, org/name, runs/a, path/to/data"
+    )
+    assert strip_local_paths(f"{tmp_path}/a", cwd="/") == "path/to/a"  # never relative to / or ~
+
+
 # -- pushing --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained_vit_folder(tmp_path_factory):
@@ -200,6 +287,89 @@ def test_push_round_trip_loads_the_same_model(local_hub, trained_vit_folder):
     assert sorted(s.rfilename for s in info.siblings) == names
     push_folder_to_hub(folder, repo_id, token=local_hub.token, endpoint=local_hub.endpoint)
     assert len(local_hub.commits(repo_id)) == 1
+
+
+def test_pushed_card_shows_the_uploaded_curves_and_holds_no_local_path(local_hub, trained_vit_folder, tmp_path, monkeypatch):
+    """A run with every folder absolute (output, data, cache, base checkpoint): the pushed README.md
+    names none of them, the curves picture is uploaded next to it and shown by a relative link."""
+    from PIL import Image
+
+    from hf_rlion.hub import _ABSOLUTE_PATH
+
+    trained = trained_vit_folder[0]
+    repo_root = tmp_path / "hf-rlion"  # where the recipe was run from
+    output_dir = repo_root / "outputs" / "vit-digits"
+    output_dir.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (output_dir / name).write_bytes((trained / name).read_bytes())
+    Image.new("RGB", (8, 8), "white").save(output_dir / "training_curves.png")
+    base_checkpoint, data_dir, cache_dir = tmp_path / "base-vit", tmp_path / "data" / "digits", tmp_path / ".cache" / "hf"
+    base_checkpoint.mkdir()
+    monkeypatch.chdir(repo_root)
+    card = build_model_card(
+        **card_kwargs(
+            dataset_name=str(data_dir),
+            base_model=str(base_checkpoint),
+            reproduce_command=(
+                f"accelerate launch recipes/image_classification.py --train_dir {data_dir} --output_dir {output_dir} "
+                f"--cache_dir={cache_dir} --model_name_or_path {base_checkpoint}"
+            ),
+            training_hyperparameters={"seed": 0, "logging_dir": str(output_dir / "runs")},
+            optimizer_hyperparameters={"lr": 1e-3, "note": f"state in {cache_dir}."},
+            log_history=TRAINER_LOG_HISTORY,
+            training_curves="training_curves.png",
+            license="apache-2.0",
+        )
+    )
+    repo_id = f"{local_hub.user}/vit-paths"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the card's picture is in the folder: no warning
+        push_folder_to_hub(output_dir, repo_id, card=card, token=local_hub.token, endpoint=local_hub.endpoint)
+
+    pushed = local_hub.repo_dir(repo_id)
+    readme = (pushed / "README.md").read_text()
+    assert (pushed / "training_curves.png").read_bytes() == (output_dir / "training_curves.png").read_bytes()
+    assert "![Training curves](training_curves.png)" in readme
+    assert str(tmp_path) not in readme and tempfile.gettempdir() + os.sep not in readme
+    assert not _ABSOLUTE_PATH.search(readme), _ABSOLUTE_PATH.search(readme)
+    assert "--output_dir outputs/vit-digits" in readme  # under the working directory: relative to it
+    assert "--train_dir path/to/digits" in readme and "--cache_dir=path/to/hf" in readme
+    data = ModelCard(readme).data
+    assert data.datasets == ["digits"] and data.base_model is None and "local checkpoint (`base-vit`)" in readme
+    assert data.license == "apache-2.0" and data.training_hyperparameters["logging_dir"] == "outputs/vit-digits/runs"
+
+
+def test_push_warns_when_the_cards_picture_is_not_uploaded(local_hub, tmp_path):
+    folder = tmp_path / "no-picture"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    card = build_model_card(**card_kwargs(training_curves="training_curves.png"))
+    with pytest.warns(UserWarning, match="shows training_curves.png, which .* does not hold"):
+        push_folder_to_hub(folder, "no-picture", card=card, token=local_hub.token, endpoint=local_hub.endpoint)
+
+
+def test_license_is_read_from_the_base_models_card(local_hub, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from hf_rlion.hub import base_model_license
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    build_model_card(**card_kwargs(license="cc-by-nc-4.0")).save(base / "README.md")
+    push_folder_to_hub(base, "base-vit", token=local_hub.token, endpoint=local_hub.endpoint)
+
+    repo_id = f"{local_hub.user}/base-vit"
+    assert base_model_license(repo_id, token=local_hub.token, endpoint=local_hub.endpoint) == "cc-by-nc-4.0"
+    assert base_model_license(str(base)) == "cc-by-nc-4.0"  # a local checkpoint folder
+    assert base_model_license(str(tmp_path)) is None  # a folder without a card
+    with pytest.warns(UserWarning, match="could not read the license of"):
+        assert base_model_license(f"{local_hub.user}/missing", token=local_hub.token, endpoint=local_hub.endpoint) is None
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert base_model_license("google/vit-base-patch16-224") is None  # offline: nothing is tried
+    assert base_model_license(None) is None
 
 
 def test_push_without_token_fails_clearly_and_keeps_the_output(local_hub, trained_vit_folder, monkeypatch, tmp_path):

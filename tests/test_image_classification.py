@@ -441,6 +441,12 @@ def test_two_cpu_ranks_rlion_8bit_push_and_reload(tmp_path, local_hub):
     hyper = data["optimizer"]["hyperparameters"]
     assert hyper["alpha"] == signature["alpha"].default and hyper["alpha_scaling"] == signature["alpha_scaling"].default
     assert "accelerate launch recipes/image_classification.py" in card.text and "--optim rlion_8bit" in card.text
+    # The card's picture is uploaded beside it, and no folder of this machine is named.
+    assert (pushed / "training_curves.png").is_file() and "![Training curves](training_curves.png)" in card.text
+    assert str(tmp_path) not in card.content and "--output_dir out " in card.text  # relative to where it ran
+    assert f"({model.num_parameters():,})" in card.text and f'from_pretrained("{repo_id}")' in card.text
+    results_table = card.text.split("## Training results")[1].split("![Training curves]")[0]
+    assert results_table.count("\n| ") == 3  # header + one row per epoch (the final evaluate() is epoch 2's)
 
 
 @pytest.mark.slow

@@ -411,6 +411,8 @@ def test_two_cpu_ranks_evaluate_the_whole_test_split_and_push_to_the_hub(caltech
     assert "rlion" in card and "Caltech101" in card and f"{metrics['mean_iou']:.4f}" in card
     assert f'from_pretrained("{local_hub.user}/vit-caltech-ddp")' in card  # the usage names the real repo
     assert "accelerate launch --num_processes 2 recipes/vit_detection_caltech101.py" in card
+    assert (pushed / "training_curves.png").is_file() and "![Training curves](training_curves.png)" in card
+    assert str(tmp_path) not in card and "| Epoch | Step | Training loss | Mean IoU |" in card
     from transformers import AutoModel
 
     import hf_rlion.models  # noqa: F401
