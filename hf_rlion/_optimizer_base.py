@@ -112,7 +112,7 @@ class RLionBase(torch.optim.Optimizer):
             self._nonfinite_counted += int(counter.item())
         self._reset_device_skips()
         if self._nonfinite_counted and not self._warned_nonfinite:
-            self._warn_nonfinite(f"{self._nonfinite_counted} parameter tensor-step(s) had NaN/inf gradients", 2)
+            self._warn_nonfinite(f"{self._nonfinite_counted} parameter tensor-step(s) with NaN/inf gradients", 2)
         return self._nonfinite_counted
 
     @nonfinite_skips.setter
