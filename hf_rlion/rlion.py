@@ -198,9 +198,13 @@ class RLion(RLionBase):
             ``"fixed"`` is the paper's rule, exactly, with α a constant.
         bias_correction (bool): divide ``c_t`` by ``1 − β1^t``. Default ``False``.
         maximize (bool): ascend instead of descend. Default ``False``.
-        foreach (bool, optional): use torch's ``_foreach`` kernels (default on CUDA).
-        fused (bool, optional): use the fused CPU kernel (default on CPU when it is
-            available, see :mod:`hf_rlion.fused_cpu`).
+        foreach (bool, optional): use torch's ``_foreach`` kernels (the default on GPUs where
+            the Triton kernel cannot run).
+        fused (bool, optional): use this device's fused kernel: the C kernel on CPU
+            (:mod:`hf_rlion.fused_cpu`), the Triton kernel on GPUs
+            (:mod:`hf_rlion.kernels.triton_rlion`; CUDA/ROCm, XPU). ``None`` (default) picks it
+            where it can run; ``True`` raises ``RuntimeError`` where it cannot. The Triton path
+            never waits for the GPU in ``step()`` (see ``docs/kernels.md``).
 
     Where the defaults come from: ``docs/results.md`` (RLion vs AdamW vs Lion on four offline
     tasks, lr × α grid, several seeds; ``benchmarks/compare_optimizers.py``). With the paper's
@@ -211,7 +215,8 @@ class RLion(RLionBase):
     high lr and α = 1 steps too little. ``bias_correction`` is an exact no-op under ``"rms"``
     and was mixed (±0.03) under ``"fixed"``, so it stays off. β's were not varied: Lion's.
 
-    State (per parameter): ``step`` (float32 scalar tensor) and ``exp_avg`` (m_t). ``exp_avg``
+    State (per parameter): ``step`` (float32 scalar tensor; on the parameter's device on the
+    Triton path, on the CPU otherwise) and ``exp_avg`` (m_t). ``exp_avg``
     is float32 for bfloat16/float16 parameters (the arithmetic runs in float32 and the
     parameter is rounded once per step) and the parameter's dtype otherwise.
     ``load_state_dict`` keeps that dtype (plain ``torch.optim.Optimizer`` would cast it to

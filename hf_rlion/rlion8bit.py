@@ -13,7 +13,7 @@ The update rule is :class:`hf_rlion.RLion`'s, unchanged; only the storage of the
 (:func:`hf_rlion.rlion.rlion_update_`), requantise. State memory is
 ``1 + 4/256 ≈ 1.016`` bytes per parameter instead of 4.
 
-Two implementations, chosen automatically (``fused=`` forces one):
+Three implementations, chosen automatically (``fused=`` forces one):
 
 - the reference: bitsandbytes' public ``dequantize_blockwise`` → ``rlion_update_`` →
   ``quantize_blockwise`` (any device; temporaries the size of one tensor);
@@ -23,7 +23,9 @@ Two implementations, chosen automatically (``fused=`` forces one):
   exactly (tested); the parameter differs from the reference only through the arctangent
   (the fp32 RLion kernel's, within 1 ulp of the correctly rounded value, so within 2 ulp of
   ``torch.atan``) and the summation order of the ``"rms"`` norm: about one float32 ulp of the
-  parameter per step (tested).
+  parameter per step (tested);
+- on GPUs, the Triton kernels (:mod:`hf_rlion.kernels.triton_rlion8bit`): same layout, codes the
+  nearest map entry (bitsandbytes' CUDA rule), no host synchronisation (``docs/kernels.md``).
 
 Tensors with fewer than ``min_8bit_size`` elements, and parameters that bitsandbytes'
 ``GlobalOptimManager`` marks ``optim_bits=32`` (:func:`keep_embeddings_in_32bit` does that for
@@ -483,10 +485,13 @@ class RLion8bit(RLionBase):
             ``GlobalOptimManager`` are applied, read when a parameter first gets state.
         foreach (bool, optional): implementation switch for the 32-bit-state tensors, as in
             :class:`RLion`.
-        fused (bool, optional): ``None`` (default) uses the fused C kernel for float32/bfloat16 CPU
-            tensors when it is available and the bitsandbytes reference otherwise; ``True``
-            requires the kernel (``RuntimeError`` where it cannot run); ``False`` always uses
-            the reference.
+        fused (bool, optional): ``None`` (default) uses this device's fused kernel where it can
+            run: the C kernel for float32/bfloat16 CPU tensors, the Triton kernels
+            (:mod:`hf_rlion.kernels.triton_rlion8bit`, nearest-code requantisation, the same state
+            layout) for groups of float32/bfloat16/float16 GPU tensors; the bitsandbytes reference
+            otherwise. ``True`` requires the kernel (``RuntimeError`` where it cannot run);
+            ``False`` always uses the reference. The Triton path never waits for the GPU in
+            ``step()``, except :class:`PagedRLion8bit`'s one synchronisation after its prefetches.
 
     Not taken from bitsandbytes' 8-bit optimizers: ``percentile_clipping`` (clip gradients
     before the optimizer instead), ``block_wise=False`` (bitsandbytes itself only uses the
