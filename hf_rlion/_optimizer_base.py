@@ -105,24 +105,28 @@ class RLionBase(torch.optim.Optimizer):
     def nonfinite_skips(self) -> int:
         """Tensor-steps skipped because the tensor's gradient held NaN/inf (see ``_skip_nonfinite``).
 
-        On the device (Triton) path the count lives on the device and is added here, when asked:
+        On the device (Triton) path the count lives on the device and is read here, when asked:
         reading it waits for the device once. The first time it is not 0 it warns.
         """
-        for device, counter in self._nonfinite_on_device.items():
-            self._nonfinite_counted += int(counter.item())
-        self._reset_device_skips()
-        if self._nonfinite_counted and not self._warned_nonfinite:
-            self._warn_nonfinite(f"{self._nonfinite_counted} parameter tensor-step(s) with NaN/inf gradients", 2)
-        return self._nonfinite_counted
+        count = self._total_skips()
+        if count and not self._warned_nonfinite:
+            self._warn_nonfinite(f"{count} parameter tensor-step(s) with NaN/inf gradients", 2)
+        return count
 
     @nonfinite_skips.setter
     def nonfinite_skips(self, value: int) -> None:
+        for counter in self._nonfinite_on_device.values():
+            counter.zero_()  # in place: a captured CUDA graph keeps adding to this tensor
         self._nonfinite_counted = int(value)
-        self._reset_device_skips()
+
+    def _total_skips(self) -> int:
+        """The host count plus the device counters (cumulative; read, not reset)."""
+        on_device = sum(int(counter.item()) for counter in self._nonfinite_on_device.values())
+        return self._nonfinite_counted + on_device
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        state["nonfinite_skips"], state["_warned_nonfinite"] = self.nonfinite_skips, self._warned_nonfinite
+        state["nonfinite_skips"], state["_warned_nonfinite"] = self._total_skips(), self._warned_nonfinite
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -138,7 +142,7 @@ class RLionBase(torch.optim.Optimizer):
         if "_nonfinite_on_device" not in self.__dict__:
             self._reset_device_skips()
         if skips is not None:
-            self._nonfinite_counted = skips
+            self.nonfinite_skips = skips
 
     def _skip_nonfinite(self, params: list[Tensor]) -> list[Tensor]:
         """The non-finite-gradient policy: drop tensors whose gradient holds NaN/inf from this step.
