@@ -9,6 +9,7 @@ the same code path runs compiled kernels (``fused=None`` picks it there).
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import math
 import multiprocessing
 import os
@@ -165,6 +166,9 @@ def _nonfinite_body(kind) -> None:
     assert fresh["step"].item() == 0
     assert all(not torch.any(v) for k, v in fresh.items() if k in ("exp_avg", "absmax1"))
     assert all(not torch.equal(p, b) for p, b in zip(params[1:], before[1:-1]))  # the others stepped
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert copy.deepcopy(optimizer)._total_skips() == 2  # a copy takes the device count along, silently
     with pytest.warns(RuntimeWarning, match="NaN/inf"):
         assert optimizer.nonfinite_skips == 2
     newcomer.grad = torch.randn(500) * 1e-2
