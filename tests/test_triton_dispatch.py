@@ -308,7 +308,8 @@ def test_state_saved_on_one_path_continues_on_the_other(interpreter, kind, direc
         return params, state
 
     def there(steps, state_dict=None, start=None):
-        params, state, used_triton = interpreter(_train_body, kind, dtype, scaling, steps, dict(fused=True), state_dict, start)
+        triton_path = dict(fused=True)
+        params, state, used_triton = interpreter(_train_body, kind, dtype, scaling, steps, triton_path, state_dict, start)
         assert used_triton
         return params, state
 

@@ -66,7 +66,7 @@ def triton_unsupported_reason(params: Sequence[Tensor], states: Sequence[dict] =
         if p.device != device:
             return "parameters on several devices in one group"
         if p.dtype not in TRITON_PARAM_DTYPES or g.dtype != p.dtype:
-            return f"{p.dtype} parameters / {g.dtype} gradients (the kernels take float32, bfloat16 or float16, both alike)"
+            return f"{p.dtype} parameters / {g.dtype} gradients (the kernels take float32, bfloat16 or float16, alike)"
         if not (p.is_contiguous() and g.is_contiguous()):
             return "non-contiguous parameters or gradients"
     for state in states:
