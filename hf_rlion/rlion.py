@@ -270,24 +270,26 @@ class RLion(RLionBase):
 
         fused, foreach = group["fused"], group["foreach"]
         on_cpu = all(p.device.type == "cpu" for p in params)
+        states = lambda: [self.state.get(p, {}) for p in params]  # noqa: E731  (only off the CPU path)
         if fused:
-            if on_cpu and not _fused_cpu().is_supported(params):
-                if dispatch.interpreter_on() and not _fused_cpu().kernel_available():
-                    reason = dispatch.triton_unsupported_reason(params, [self.state.get(p, {}) for p in params])
-                    if not reason:
-                        return _triton_rlion()
-                _fused_cpu().check_supported(params)
-            if on_cpu:
-                return _fused_rlion()
-            reason = dispatch.triton_unsupported_reason(params, [self.state.get(p, {}) for p in params])
-            if reason:
-                raise RuntimeError(f"{type(self).__name__}(fused=True): the Triton kernel cannot run: {reason}")
-            return _triton_rlion()
+            if not on_cpu:
+                reason = dispatch.triton_unsupported_reason(params, states())
+                if reason:
+                    raise RuntimeError(f"{type(self).__name__}(fused=True): the Triton kernel cannot run: {reason}")
+                return _triton_rlion()
+            if (
+                dispatch.interpreter_on()
+                and not _fused_cpu().kernel_available()
+                and not dispatch.triton_unsupported_reason(params, states())
+            ):
+                return _triton_rlion()  # Triton's interpreter: the GPU path, tested without a GPU
+            _fused_cpu().check_supported(params)
+            return _fused_rlion()
         if fused is None and foreach is None:
             if on_cpu:
                 if _fused_cpu().is_supported(params):
                     return _fused_rlion()
-            elif not dispatch.triton_unsupported_reason(params, [self.state.get(p, {}) for p in params]):
+            elif not dispatch.triton_unsupported_reason(params, states()):
                 return _triton_rlion()
             foreach = not on_cpu
         return _foreach_rlion if foreach else _single_tensor_rlion
