@@ -15,6 +15,10 @@ Checks (each prints PASS/FAIL with its largest deviation; the exit status is 1 w
 3. RLion8bit step (``triton_rlion8bit.fused_rlion8bit``) against
    :func:`hf_rlion.rlion8bit.rlion8bit_reference_update_` (bitsandbytes' CUDA quantisation) from the
    same state: parameters within float32 rounding, absmax within 1e-6, codes at most one apart.
+4. The optimizers' Triton path (``RLion``, ``RLion8bit`` with defaults): picked on CUDA; after a
+   warm-up step, two steps (one with a NaN gradient) under ``torch.cuda.set_sync_debug_mode("error")``;
+   ``nonfinite_skips`` is 1 when read; ``step()`` captured in a CUDA graph and replayed gives the
+   eager steps' parameters and step counts.
 
 Timings: CUDA events around each step (after warm-up), median over ``--iters`` steps, for torch's
 fused and foreach AdamW, RLion's foreach path, the Triton RLion (both scalings), the Triton RLion8bit,
@@ -164,6 +168,90 @@ def check_rlion8bit(torch) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+def _optimizer_run(torch, make, grads, graph: bool):
+    """Parameters and step counts after a warm-up step and len(grads) - 1 more, eager or graph-replayed."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(g.shape, device="cuda")) for g in grads[0]]
+    for p in params:
+        p.grad = torch.zeros_like(p)  # static gradient tensors, refilled before each step
+    optimizer = make(params)
+
+    def feed(step_grads):
+        for p, g in zip(params, step_grads):
+            p.grad.copy_(g)
+
+    feed(grads[0])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as torch's graph guide does
+        optimizer.step()
+    torch.cuda.current_stream().wait_stream(side)
+    if graph:
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            optimizer.step()
+    for step_grads in grads[1:]:
+        feed(step_grads)
+        if graph:
+            captured.replay()
+        else:
+            optimizer.step()
+    torch.cuda.synchronize()
+    steps = [optimizer.state[p]["step"].item() for p in params]
+    return [p.detach().clone() for p in params], steps, optimizer
+
+
+def check_optimizers(torch) -> bool:
+    from hf_rlion import RLion, RLion8bit, rlion
+
+    ok = True
+    makers = [
+        ("RLion", lambda ps: RLion(ps, lr=1e-2, weight_decay=0.1, bias_correction=True)),
+        ("RLion8bit", lambda ps: RLion8bit(ps, lr=1e-2, min_8bit_size=512, bias_correction=True)),
+    ]
+    for name, make in makers:
+        torch.manual_seed(1)
+        shapes = [(5000,), (64, 33), (300,)]
+        grads = [[torch.randn(s, device="cuda") * 1e-2 for s in shapes] for _ in range(4)]
+        grads[1][2][0] = math.nan
+        # picked by default, and no synchronisation in step() after the warm-up step
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
+        optimizer = make(params)
+        for p, g in zip(params, grads[0]):
+            p.grad = g.clone()
+        optimizer.step()
+        if name == "RLion":
+            picked = optimizer._implementation(optimizer.param_groups[0], params) is rlion._triton_kernel
+        else:
+            picked = optimizer._triton_candidates(optimizer.param_groups[0]) is not None
+        try:
+            torch.cuda.set_sync_debug_mode("error")
+            for step_grads in grads[1:3]:
+                for p, g in zip(params, step_grads):
+                    p.grad = g.clone()
+                optimizer.step()
+            no_sync, sync_detail = True, "no synchronisation"
+        except RuntimeError as err:
+            no_sync, sync_detail = False, str(err).splitlines()[0]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        skips = optimizer.nonfinite_skips
+        ok &= _report(f"{name} default path on CUDA", bool(picked), "Triton" if picked else "not Triton")
+        ok &= _report(f"{name} step() under sync debug mode 'error'", no_sync, sync_detail)
+        ok &= _report(f"{name} NaN gradient counted", skips == 1, f"nonfinite_skips = {skips}")
+        try:
+            eager, eager_steps, _ = _optimizer_run(torch, make, grads, graph=False)
+            replayed, replayed_steps, _ = _optimizer_run(torch, make, grads, graph=True)
+            gap = max((a - b).abs().max().item() for a, b in zip(eager, replayed))
+            same = gap == 0 and eager_steps == replayed_steps
+            detail = f"max |eager - replay| = {gap:.3g}, steps {eager_steps} / {replayed_steps}"
+        except Exception as err:  # a capture failure is a result to report, not a crash
+            same, detail = False, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ok &= _report(f"{name} step() in a CUDA graph", same, detail)
+    return ok
+
+
 def make_params(torch, numel: int, tensors: int, dtype):
     per = max(1, numel // tensors)
     params = []
@@ -192,7 +280,7 @@ def time_steps(torch, step, iters: int) -> float:
 
 def candidates(torch, params):
     """(name, step function, state bytes read + written per parameter)."""
-    from hf_rlion import RLion
+    from hf_rlion import RLion, RLion8bit
     from hf_rlion.kernels.triton_rlion import fused_rlion
     from hf_rlion.kernels.triton_rlion8bit import fused_rlion8bit
 
@@ -209,6 +297,8 @@ def candidates(torch, params):
         ("adamw fused (torch)", torch.optim.AdamW(params, lr=1e-3, fused=True).step, 16),
         ("adamw foreach (torch)", torch.optim.AdamW(params, lr=1e-3, foreach=True).step, 16),
         ("rlion foreach (torch ops)", RLion(params, lr=1e-4, foreach=True).step, 8),
+        ("rlion (optimizer, Triton path)", RLion(params, lr=1e-4).step, 8),
+        ("rlion8bit (optimizer, Triton path)", RLion8bit(params, lr=1e-4).step, 2 + 8 / 256),
         ("rlion triton, rms", lambda: fused_rlion(params, grads, exp_avgs, steps, alpha_scaling="rms", **hp), 8),
         ("rlion triton, fixed", lambda: fused_rlion(params, grads, exp_avgs, steps, alpha_scaling="fixed", **hp), 8),
         (
@@ -264,6 +354,7 @@ def main(argv=None) -> int:
     ok = check_atan(torch)
     ok &= check_rlion(torch)
     ok &= check_rlion8bit(torch)
+    ok &= check_optimizers(torch)
     if not args.checks_only:
         run_timings(torch, args)
     return 0 if ok else 1

@@ -61,16 +61,27 @@ def validate_hyperparameters(group: dict) -> None:
 def finite_gradient_mask(grads: list[Tensor]) -> list[bool]:
     """For each gradient, whether every element is finite (no NaN, no ±inf).
 
-    Two reductions per tensor (max and min; NaN propagates through both), no temporary the
-    size of the tensor.
+    Two reductions per tensor on its device (max and min; NaN propagates through both), no
+    temporary the size of the tensor; the answers of all plain tensors on one device are stacked
+    and read with one ``tolist()``: one host synchronisation per device, not one per tensor. A
+    tensor subclass (DTensor) is read on its own (its reduction may need its other shards).
     """
-    mask = []
-    for g in grads:
+    mask = [True] * len(grads)
+    by_device: dict[torch.device, tuple[list[int], list[Tensor]]] = {}
+    for i, g in enumerate(grads):
         if g.numel() == 0 or g.is_meta:  # a meta tensor has no values to check
-            mask.append(True)
             continue
         hi, lo = torch.aminmax(g)
-        mask.append(bool(torch.isfinite(hi) & torch.isfinite(lo)))
+        finite = torch.isfinite(hi) & torch.isfinite(lo)
+        if type(finite) is not Tensor:
+            mask[i] = bool(finite)
+            continue
+        indices, flags = by_device.setdefault(finite.device, ([], []))
+        indices.append(i)
+        flags.append(finite)
+    for indices, flags in by_device.values():
+        for i, finite in zip(indices, torch.stack(flags).tolist()):
+            mask[i] = finite
     return mask
 
 
@@ -169,20 +180,57 @@ def state_problem(param: Tensor, state: dict) -> Optional[str]:
     return None
 
 
+#: Device path: every this many ``step()`` calls the optimizer starts a copy of its device skip
+#: counter to the host without waiting, and looks at it (again without waiting) on a later step, to
+#: issue the first-skip warning. Reading ``nonfinite_skips`` warns at once.
+NONFINITE_WARN_INTERVAL = 100
+
+
 class RLionBase(torch.optim.Optimizer):
     """``torch.optim.Optimizer`` with RLion's argument checks and a dtype-preserving ``load_state_dict``."""
+
+    #: see :data:`NONFINITE_WARN_INTERVAL`
+    nonfinite_warn_interval = NONFINITE_WARN_INTERVAL
 
     def __init__(self, params, defaults: dict):
         validate_hyperparameters(defaults)
         defaults["betas"] = tuple(defaults["betas"])
         super().__init__(params, defaults)
-        #: tensor-steps skipped because the tensor's gradient held NaN/inf (see ``_skip_nonfinite``).
-        self.nonfinite_skips = 0
+        self._nonfinite_counted = 0  # skips already on the host (see nonfinite_skips)
         self._warned_nonfinite = False
+        self._reset_device_skips()
+
+    def _reset_device_skips(self) -> None:
+        self._nonfinite_on_device: dict[torch.device, Tensor] = {}  # int64 scalar counter per device
+        self._nonfinite_probe: Optional[tuple[list[Tensor], list]] = None  # (host copies, events) in flight
+        self._device_steps = 0
+
+    @property
+    def nonfinite_skips(self) -> int:
+        """Tensor-steps skipped because the tensor's gradient held NaN/inf (see ``_skip_nonfinite``).
+
+        On the device (Triton) path the count lives on the device and is read here, when asked:
+        reading it waits for the device once. The first time it is not 0 it warns.
+        """
+        count = self._total_skips()
+        if count and not self._warned_nonfinite:
+            self._warn_nonfinite(f"{count} parameter tensor-step(s) with NaN/inf gradients", 2)
+        return count
+
+    @nonfinite_skips.setter
+    def nonfinite_skips(self, value: int) -> None:
+        for counter in self._nonfinite_on_device.values():
+            counter.zero_()  # in place: a captured CUDA graph keeps adding to this tensor
+        self._nonfinite_counted = int(value)
+
+    def _total_skips(self) -> int:
+        """The host count plus the device counters (cumulative; read, not reset)."""
+        on_device = sum(int(counter.item()) for counter in self._nonfinite_on_device.values())
+        return self._nonfinite_counted + on_device
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        state["nonfinite_skips"], state["_warned_nonfinite"] = self.nonfinite_skips, self._warned_nonfinite
+        state["nonfinite_skips"], state["_warned_nonfinite"] = self._total_skips(), self._warned_nonfinite
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -190,9 +238,15 @@ class RLionBase(torch.optim.Optimizer):
         ``param_groups`` (this class adds the NaN/inf skip count and its warn-once flag); the other
         attributes of this package's optimizers come back with their initial values.
         ``load_state_dict`` comes here too."""
+        state = dict(state)
+        skips = state.pop("nonfinite_skips", None)
         super().__setstate__(state)
-        self.__dict__.setdefault("nonfinite_skips", 0)
+        self.__dict__.setdefault("_nonfinite_counted", 0)
         self.__dict__.setdefault("_warned_nonfinite", False)
+        if "_nonfinite_on_device" not in self.__dict__:
+            self._reset_device_skips()
+        if skips is not None:
+            self.nonfinite_skips = skips
 
     def _skip_nonfinite(self, params: list[Tensor]) -> list[Tensor]:
         """The non-finite-gradient policy: drop tensors whose gradient holds NaN/inf from this step.
@@ -248,16 +302,72 @@ class RLionBase(torch.optim.Optimizer):
         """Count tensors skipped for NaN/inf gradients; warn the first time (see ``_skip_nonfinite``)."""
         if not skipped:
             return
-        self.nonfinite_skips += len(skipped)
+        self._nonfinite_counted += len(skipped)
         if not self._warned_nonfinite:
-            self._warned_nonfinite = True
             shapes = ", ".join(str(tuple(p.shape)) for p in skipped[:5])
-            warnings.warn(
-                f"{type(self).__name__}: {len(skipped)} parameter tensor(s) with NaN/inf gradients (shapes {shapes}) "
-                "were not updated this step; later skips are counted in optimizer.nonfinite_skips without warning",
-                RuntimeWarning,
-                stacklevel=5,
-            )
+            self._warn_nonfinite(f"{len(skipped)} parameter tensor(s) with NaN/inf gradients (shapes {shapes})", 5)
+
+    def _warn_nonfinite(self, what: str, stacklevel: int) -> None:
+        self._warned_nonfinite = True
+        warnings.warn(
+            f"{type(self).__name__}: {what} were not updated; later skips are counted in "
+            "optimizer.nonfinite_skips without warning",
+            RuntimeWarning,
+            stacklevel=stacklevel + 1,
+        )
+
+    # -- the device path: step counts and the NaN/inf policy decided on the device -------------
+
+    @staticmethod
+    def _device_step_counts(params: list[Tensor], states: list[dict]) -> list[Tensor]:
+        """``state["step"] += 1`` on the parameters' device (float32 scalars, as torch's fused AdamW
+        keeps them; one moved there if it was loaded elsewhere, without waiting); the step tensors."""
+        step_tensors = []
+        for p, state in zip(params, states):
+            step = state["step"]
+            if step.device != p.device or step.dtype != torch.float32:
+                step = state["step"] = step.to(device=p.device, dtype=torch.float32, non_blocking=True)
+            step_tensors.append(step)
+        torch._foreach_add_(step_tensors, 1.0)
+        return step_tensors
+
+    def _count_device_skips(self, step_tensors: list[Tensor], flags: Tensor) -> None:
+        """After a kernel left the flagged tensors untouched (NaN/inf gradient): their step count goes
+        back and they are added to the device skip counter, all on the device (no host sync). A
+        skipped tensor that had never stepped keeps its state with step 0 and zero momentum, which is
+        the same as no state."""
+        if not step_tensors:
+            return
+        torch._foreach_sub_(step_tensors, list(flags.to(torch.float32).unbind()))
+        counter = self._nonfinite_on_device.get(flags.device)
+        if counter is None:
+            counter = self._nonfinite_on_device[flags.device] = torch.zeros((), dtype=torch.int64, device=flags.device)
+        counter.add_(flags.sum())
+
+    def _poll_device_skips(self) -> None:
+        """Once per ``step()`` on the device path: the first-skip warning without waiting for the
+        device (see :data:`NONFINITE_WARN_INTERVAL`). Nothing is done while a CUDA graph is captured."""
+        self._device_steps += 1
+        if self._warned_nonfinite or not self._nonfinite_on_device:
+            return
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return
+        if self._nonfinite_probe is not None:
+            copied, events = self._nonfinite_probe
+            if all(event.query() for event in events):
+                self._nonfinite_probe = None
+                if sum(int(c) for c in copied) and not self._warned_nonfinite:
+                    self._warn_nonfinite("parameter tensor(s) with NaN/inf gradients", 3)
+                return
+        if self._device_steps % self.nonfinite_warn_interval == 0 and self._nonfinite_probe is None:
+            counters = list(self._nonfinite_on_device.values())
+            copied = [c.to("cpu", non_blocking=True) for c in counters]  # pinned, filled later
+            events = []
+            for c in counters:
+                if c.device.type != "cpu":
+                    events.append(torch.Event(device=c.device))
+                    events[-1].record()
+            self._nonfinite_probe = (copied, events)
 
     def add_param_group(self, param_group: dict) -> None:
         """``torch.optim.Optimizer.add_param_group``, with the group checked before it is added:

@@ -159,6 +159,18 @@ def _fused_rlion():
     return _fused_cpu().fused_rlion
 
 
+_triton_kernel: Optional[Callable] = None  # set by _triton_rlion, on first use of the device path
+
+
+def _triton_rlion() -> Callable:
+    global _triton_kernel
+    if _triton_kernel is None:
+        from .kernels import triton_rlion  # imports triton
+
+        _triton_kernel = triton_rlion.fused_rlion
+    return _triton_kernel
+
+
 class RLion(RLionBase):
     r"""RLion (Rong et al., *A refined lion optimizer for deep learning*, Sci. Rep. 15, 2025).
 
@@ -206,9 +218,13 @@ class RLion(RLionBase):
             ``"fixed"`` is the paper's rule, exactly, with α a constant.
         bias_correction (bool): divide ``c_t`` by ``1 − β1^t``. Default ``False``.
         maximize (bool): ascend instead of descend. Default ``False``.
-        foreach (bool, optional): use torch's ``_foreach`` kernels (default on CUDA).
-        fused (bool, optional): use the fused CPU kernel (default on CPU when it is
-            available, see :mod:`hf_rlion.fused_cpu`).
+        foreach (bool, optional): use torch's ``_foreach`` kernels (the default on GPUs where
+            the Triton kernel cannot run).
+        fused (bool, optional): use this device's fused kernel: the C kernel on CPU
+            (:mod:`hf_rlion.fused_cpu`), the Triton kernel on GPUs
+            (:mod:`hf_rlion.kernels.triton_rlion`; CUDA/ROCm, XPU). ``None`` (default) picks it
+            where it can run; ``True`` raises ``RuntimeError`` where it cannot. The Triton path
+            never waits for the GPU in ``step()`` (see ``docs/kernels.md``).
 
     Where the defaults come from: ``docs/results.md`` (RLion vs AdamW vs Lion on four offline
     tasks, lr × α grid, several seeds; ``benchmarks/compare_optimizers.py``). With the paper's
@@ -219,7 +235,8 @@ class RLion(RLionBase):
     high lr and α = 1 steps too little. ``bias_correction`` is an exact no-op under ``"rms"``
     and was mixed (±0.03) under ``"fixed"``, so it stays off. β's were not varied: Lion's.
 
-    State (per parameter): ``step`` (float32 scalar tensor) and ``exp_avg`` (m_t). ``exp_avg``
+    State (per parameter): ``step`` (float32 scalar tensor; on the parameter's device on the
+    Triton path, on the CPU otherwise) and ``exp_avg`` (m_t). ``exp_avg``
     is float32 for bfloat16/float16 parameters (the arithmetic runs in float32 and the
     parameter is rounded once per step) and the parameter's dtype otherwise.
     ``load_state_dict`` keeps that dtype (plain ``torch.optim.Optimizer`` would cast it to
@@ -255,8 +272,9 @@ class RLion(RLionBase):
         )
         super().__init__(params, defaults)
 
-    def _init_state(self, param: Tensor, state: dict) -> None:
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+    def _init_state(self, param: Tensor, state: dict, on_device: bool = False) -> None:
+        """Zero momentum; ``step`` a float32 scalar, on the CPU or (device path) on the parameter's device."""
+        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device if on_device else None)
         state_dtype = torch.float32 if param.dtype in low_precision_dtypes else param.dtype
         state["exp_avg"] = torch.zeros_like(param, dtype=state_dtype, memory_format=torch.preserve_format)
 
@@ -266,14 +284,41 @@ class RLion(RLionBase):
         return as_32bit_state(param, state)
 
     def _implementation(self, group: dict, params: list[Tensor]) -> Callable:
+        """The one place that picks how a group steps (see ``fused``/``foreach`` in the class docstring):
+
+        - ``fused=True``: the C kernel on CPU (or, where it is unavailable and Triton's interpreter is on,
+          the Triton kernel), the Triton kernel on GPUs; ``RuntimeError`` if neither can run;
+        - ``fused=None`` and ``foreach=None``: the Triton kernel for GPU tensors it takes, the C kernel for
+          CPU tensors it takes, else torch's foreach kernels (GPU) or the per-tensor reference (CPU);
+        - ``fused=False`` or an explicit ``foreach``: foreach (``foreach=True``, or the default on GPUs)
+          or the per-tensor reference.
+        """
+        from .kernels import dispatch
+
         fused, foreach = group["fused"], group["foreach"]
+        on_cpu = all(p.device.type == "cpu" for p in params)
+        states = lambda: [self.state.get(p, {}) for p in params]  # noqa: E731  (only off the CPU path)
         if fused:
+            if not on_cpu:
+                reason = dispatch.triton_unsupported_reason(params, states())
+                if reason:
+                    raise RuntimeError(f"{type(self).__name__}(fused=True): the Triton kernel cannot run: {reason}")
+                return _triton_rlion()
+            if (
+                dispatch.interpreter_on()
+                and not _fused_cpu().kernel_available()
+                and not dispatch.triton_unsupported_reason(params, states())
+            ):
+                return _triton_rlion()  # Triton's interpreter: the GPU path, tested without a GPU
             _fused_cpu().check_supported(params)
             return _fused_rlion()
         if fused is None and foreach is None:
-            if _fused_cpu().is_supported(params):
-                return _fused_rlion()
-            foreach = any(p.device.type != "cpu" for p in params)
+            if on_cpu:
+                if _fused_cpu().is_supported(params):
+                    return _fused_rlion()
+            elif not dispatch.triton_unsupported_reason(params, states()):
+                return _triton_rlion()
+            foreach = not on_cpu
         return _foreach_rlion if foreach else _single_tensor_rlion
 
     @torch.no_grad()
@@ -287,11 +332,27 @@ class RLion(RLionBase):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        device_path = False
         for group in self.param_groups:
             candidates = list(self._params_with_grad(group["params"]))
             if not candidates:
                 continue
             implementation = self._implementation(group, candidates)
+            beta1, beta2 = group["betas"]
+            hyperparameters = dict(
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=group["weight_decay"],
+                alpha=group["alpha"],
+                alpha_scaling=group["alpha_scaling"],
+                bias_correction=group["bias_correction"],
+                maximize=group["maximize"],
+            )
+            if implementation is _triton_kernel:
+                device_path = True
+                self._triton_step(implementation, candidates, hyperparameters)
+                continue
             # The fused CPU kernel applies the non-finite policy itself, tensor by tensor, on the
             # read pass right before each update (its gradient is then in cache); the other paths
             # drop tensors with NaN/inf gradients first.
@@ -308,20 +369,28 @@ class RLion(RLionBase):
                 exp_avgs.append(state["exp_avg"])
                 step_tensors.append(state["step"])
             steps = self._count_steps(step_tensors, by_kernel=checks_itself)
-            beta1, beta2 = group["betas"]
-            hyperparameters = dict(
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                weight_decay=group["weight_decay"],
-                alpha=group["alpha"],
-                alpha_scaling=group["alpha_scaling"],
-                bias_correction=group["bias_correction"],
-                maximize=group["maximize"],
-            )
             if checks_itself:
                 skipped = implementation(params, grads, exp_avgs, steps, check_finite=True, **hyperparameters)
                 self._undo_kernel_skips([params[i] for i in skipped])
             else:
                 implementation(params, grads, exp_avgs, steps, **hyperparameters)
+        if device_path:
+            self._poll_device_skips()
         return loss
+
+    def _triton_step(self, kernel: Callable, params: list[Tensor], hyperparameters: dict) -> None:
+        """The device path: one Triton call for the group, no host synchronisation. Step counts are
+        device scalars; the kernel decides the NaN/inf policy per tensor and returns device flags, which
+        undo the flagged tensors' step counts and add to the skip counter on the device."""
+        states = []
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:
+                self._init_state(p, state, on_device=True)
+            states.append(state)
+        step_tensors = self._device_step_counts(params, states)
+        flags = kernel(
+            params, [p.grad for p in params], [state["exp_avg"] for state in states], torch.stack(step_tensors),
+            check_finite=True, **hyperparameters,
+        )  # fmt: skip
+        self._count_device_skips(step_tensors, flags)

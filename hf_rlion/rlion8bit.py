@@ -13,7 +13,7 @@ The update rule is :class:`hf_rlion.RLion`'s, unchanged; only the storage of the
 (:func:`hf_rlion.rlion.rlion_update_`), requantise. State memory is
 ``1 + 4/256 ≈ 1.016`` bytes per parameter instead of 4.
 
-Two implementations, chosen automatically (``fused=`` forces one):
+Three implementations, chosen automatically (``fused=`` forces one):
 
 - the reference: bitsandbytes' public ``dequantize_blockwise`` → ``rlion_update_`` →
   ``quantize_blockwise`` (any device; temporaries the size of one tensor);
@@ -23,7 +23,9 @@ Two implementations, chosen automatically (``fused=`` forces one):
   exactly (tested); the parameter differs from the reference only through the arctangent
   (the fp32 RLion kernel's, within 1 ulp of the correctly rounded value, so within 2 ulp of
   ``torch.atan``) and the summation order of the ``"rms"`` norm: about one float32 ulp of the
-  parameter per step (tested).
+  parameter per step (tested);
+- on GPUs, the Triton kernels (:mod:`hf_rlion.kernels.triton_rlion8bit`): same layout, codes the
+  nearest map entry (bitsandbytes' CUDA rule), no host synchronisation (``docs/kernels.md``).
 
 Tensors with fewer than ``min_8bit_size`` elements, and parameters that bitsandbytes'
 ``GlobalOptimManager`` marks ``optim_bits=32`` (:func:`keep_embeddings_in_32bit` does that for
@@ -514,10 +516,13 @@ class RLion8bit(RLionBase):
             ``GlobalOptimManager`` are applied, read when a parameter first gets state.
         foreach (bool, optional): implementation switch for the 32-bit-state tensors, as in
             :class:`RLion`.
-        fused (bool, optional): ``None`` (default) uses the fused C kernel for float32/bfloat16 CPU
-            tensors when it is available and the bitsandbytes reference otherwise; ``True``
-            requires the kernel (``RuntimeError`` where it cannot run); ``False`` always uses
-            the reference.
+        fused (bool, optional): ``None`` (default) uses this device's fused kernel where it can
+            run: the C kernel for float32/bfloat16 CPU tensors, the Triton kernels
+            (:mod:`hf_rlion.kernels.triton_rlion8bit`, nearest-code requantisation, the same state
+            layout) for groups of float32/bfloat16/float16 GPU tensors; the bitsandbytes reference
+            otherwise. ``True`` requires the kernel (``RuntimeError`` where it cannot run);
+            ``False`` always uses the reference. The Triton path never waits for the GPU in
+            ``step()``, except :class:`PagedRLion8bit`'s one synchronisation after its prefetches.
 
     Not taken from bitsandbytes' 8-bit optimizers: ``percentile_clipping`` (clip gradients
     before the optimizer instead), ``block_wise=False`` (bitsandbytes itself only uses the
@@ -567,6 +572,7 @@ class RLion8bit(RLionBase):
         self._kernel_plans: dict[int, _KernelPlan] = {}  # by group index; see _KernelPlan
         self._warned_paging = False
         self._warned_ignored_overrides = False
+        self._foreign_qmaps: dict[int, Tensor] = {}  # qmap1 tensors that are not the shared map (by id)
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict) -> None:
@@ -575,6 +581,7 @@ class RLion8bit(RLionBase):
         self.__dict__.setdefault("_overrides", {})
         self.__dict__.setdefault("_warned_paging", False)
         self.__dict__.setdefault("_warned_ignored_overrides", False)
+        self.__dict__.setdefault("_foreign_qmaps", {})
         self._kernel_plans = {}  # they hold the state before (load_state_dict) or the original's tensors (a copy)
 
     # -- construction -------------------------------------------------------------------------
@@ -646,11 +653,11 @@ class RLion8bit(RLionBase):
                 )
         return torch.zeros_like(param, dtype=torch.uint8, memory_format=torch.contiguous_format)
 
-    def _init_state(self, param: Tensor, state: dict, group: dict, overrides: dict) -> None:
+    def _init_state(self, param: Tensor, state: dict, group: dict, overrides: dict, on_device: bool = False) -> None:
         optim_bits = overrides.get("optim_bits", group["optim_bits"])
         min_8bit_size = overrides.get("min_8bit_size", group["min_8bit_size"])
         _validate_8bit_options({"optim_bits": optim_bits, "min_8bit_size": min_8bit_size}, source="override")
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device if on_device else None)
         if optim_bits == 8 and param.numel() >= min_8bit_size:
             _check_materialised(param)
             blocks = -(-param.numel() // BLOCKSIZE)
@@ -692,7 +699,13 @@ class RLion8bit(RLionBase):
             with torch.enable_grad():
                 loss = closure()
         any_paged = False
+        device_path = False
         for group_index, group in enumerate(self.param_groups):
+            triton_params = self._triton_candidates(group)
+            if triton_params is not None:
+                device_path = True
+                any_paged = self._triton_step(group, group_index, triton_params) or any_paged
+                continue
             # the group's hyperparameters, built once: most tensors have no override
             group_hyperparameters = self._hyperparameters(group, {})
             plan = self._kernel_plans.pop(group_index, None)
@@ -793,7 +806,100 @@ class RLion8bit(RLionBase):
                 )
         if any_paged and torch.cuda.is_available():
             torch.cuda.synchronize()  # paged prefetches are asynchronous, as in bitsandbytes
+        if device_path:
+            self._poll_device_skips()
         return loss
+
+    # -- the device path (Triton) -------------------------------------------------------------
+
+    def _triton_candidates(self, group: dict) -> Optional[list[Tensor]]:
+        """The dispatch point of a group: its parameters with gradients if the whole group takes the
+        Triton kernels, else ``None`` (the C kernel or the reference, chosen per tensor by
+        :meth:`_use_kernel`).
+
+        Triton runs for GPU groups it takes (``fused`` ``None`` or ``True``; ``fused=True`` raises
+        ``RuntimeError`` where it cannot), and for CPU groups only with ``fused=True`` under Triton's
+        interpreter when the C kernel is unavailable (how the Triton path is tested without a GPU).
+        """
+        from .kernels import dispatch
+
+        fused, params = group["fused"], group["params"]
+        if fused is False or not params:
+            return None
+        on_cpu = params[0].device.type == "cpu"
+        if on_cpu and not (fused and dispatch.interpreter_on() and not kernel_available()):
+            return None
+        candidates = list(self._params_with_grad(params))
+        reason = dispatch.triton_unsupported_reason(candidates, [self.state.get(p, {}) for p in candidates])
+        if candidates and reason:
+            if fused and not on_cpu:
+                raise RuntimeError(f"{type(self).__name__}(fused=True): the Triton kernel cannot run: {reason}")
+            return None
+        return candidates
+
+    def _shared_qmap(self, state: dict) -> Tensor:
+        """The state's ``qmap1``, replaced by the device's shared map when equal to it (a loaded state
+        has one copy per tensor; comparing reads the device once per loaded tensor)."""
+        qmap = state["qmap1"]
+        shared = _signed_dynamic_map(qmap.device)
+        if qmap is shared or id(qmap) in self._foreign_qmaps:
+            return qmap
+        if qmap.shape == shared.shape and qmap.dtype == shared.dtype and torch.equal(qmap, shared):
+            state["qmap1"] = shared
+            return shared
+        self._foreign_qmaps[id(qmap)] = qmap  # kept alive: its id stays its own
+        return qmap
+
+    def _triton_step(self, group: dict, group_index: int, params: list[Tensor]) -> bool:
+        """One group's step by the Triton kernels, with no host synchronisation: 8-bit tensors by
+        ``fused_rlion8bit``, tensors with 32-bit state by ``fused_rlion``, one call per set of
+        hyperparameters (overrides) and map. Step counts are device scalars; each kernel decides the
+        NaN/inf policy per tensor and its device flags undo the step counts and add to the skip
+        counter (:meth:`RLionBase._count_device_skips`). Returns whether a state buffer is paged."""
+        from .kernels.triton_rlion import fused_rlion
+        from .kernels.triton_rlion8bit import fused_rlion8bit
+
+        self._kernel_plans.pop(group_index, None)
+        group_hyperparameters = self._hyperparameters(group, {})
+        group_key = tuple(sorted(group_hyperparameters.items()))
+        positions: Optional[dict[int, int]] = None
+        batches: dict[tuple, tuple[Optional[Tensor], list, list]] = {}
+        any_paged = False
+        for p in params:
+            state = self.state[p]
+            overrides = self._overrides.get(id(p))
+            if overrides is None:
+                if positions is None:
+                    positions = {id(q): i for i, q in enumerate(group["params"])}
+                overrides = self._overrides[id(p)] = self._resolve_overrides(p, group_index, positions[id(p)])
+            if len(state) == 0:
+                self._init_state(p, state, group, overrides, on_device=True)
+            key = tuple(sorted(self._hyperparameters(group, overrides).items())) if overrides else group_key
+            qmap = None
+            if "state1" in state:
+                qmap = self._shared_qmap(state)
+                if getattr(state["state1"], "is_paged", False):
+                    any_paged = True
+                    bnb_functional.prefetch_tensor(state["state1"])
+            batch = batches.setdefault((key, id(qmap)), (qmap, [], []))
+            batch[1].append(p)
+            batch[2].append(state)
+        for (key, _), (qmap, batch_params, states) in batches.items():
+            step_tensors = self._device_step_counts(batch_params, states)
+            grads = [p.grad for p in batch_params]
+            if qmap is None:
+                flags = fused_rlion(
+                    batch_params, grads, [state["exp_avg"] for state in states], torch.stack(step_tensors),
+                    check_finite=True, **dict(key),
+                )  # fmt: skip
+            else:
+                flags = fused_rlion8bit(
+                    batch_params, grads, [state["state1"] for state in states],
+                    [state["absmax1"] for state in states], qmap, torch.stack(step_tensors), check_finite=True,
+                    **dict(key),
+                )  # fmt: skip
+            self._count_device_skips(step_tensors, flags)
+        return any_paged
 
     # -- introspection --------------------------------------------------------------------------
 

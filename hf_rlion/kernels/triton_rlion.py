@@ -285,7 +285,7 @@ class ChunkPlan:
 class PlanCache:
     """A few recent plans, keyed by whatever identifies the tensors (pointers, sizes, dtypes)."""
 
-    def __init__(self, size: int = 8):
+    def __init__(self, size: int = 64):
         self._plans: OrderedDict = OrderedDict()
         self._size = size
 
@@ -321,6 +321,8 @@ class TensorTables:
         return self._grad_table
 
 
+#: Up to 64 sets of tensors (one per kernel call of a step: parameter group, hyperparameter set, map) keep
+#: their tables; a CUDA graph captured around ``step()`` reads the tables of its calls, so they must stay.
 _tables = PlanCache()
 
 
