@@ -188,9 +188,10 @@ NOT_APPLICABLE = {
         "quantisation (rounding to codes) have no autograd formula. The constructor has no such argument."
     ),
     "capturable": (
-        "No capturable / CUDA-graph mode and no fused CUDA step taking grad_scale/found_inf: this project's "
-        "fused kernels are CPU kernels; on CUDA RLion uses torch's foreach ops and GradScaler unscales and skips "
-        "inf steps itself before step() (tested in test_precision_and_faults.py)."
+        "No capturable= argument and no fused step taking grad_scale/found_inf: GradScaler unscales and skips inf "
+        "steps itself before step() (tested in test_precision_and_faults.py). The GPU (Triton) path keeps step "
+        "counts and skips on the device so step() can be graph-captured, but CUDA graphs need a GPU: "
+        "benchmarks/gpu_check.py checks capture there; the interpreter path is tested in test_triton_dispatch.py."
     ),
     "sparse": (
         "Sparse gradients are refused with a RuntimeError (torch's dense optimizers do the same; "
