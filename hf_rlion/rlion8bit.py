@@ -446,7 +446,7 @@ def _check_not_fsdp1(param: Tensor) -> None:
         return
     if isinstance(param, FlatParameter):
         raise ValueError(
-            f"RLion8bit got an FSDP-sharded parameter ({type(param).__name__}); 8-bit RLion state is per whole "
+            "RLion8bit got an FSDP-sharded parameter (FSDP1's FlatParameter); 8-bit RLion state is per whole "
             "tensor (blockwise codes and the per-tensor RMS of alpha_scaling='rms') and does not support FSDP1's "
             "flattened parameters. Use FSDP2 (fully_shard), DDP (every rank holds the full state), or optim='rlion' "
             "with FSDP. See docs/8bit.md."
