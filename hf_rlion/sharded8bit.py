@@ -215,8 +215,11 @@ def _reduce_over_ranks(items, sums: list[Tensor], flags: list[Tensor]) -> tuple[
         by_mesh.setdefault(id(p.device_mesh), []).append(i)
     total_sums, any_nonfinite = [0.0] * len(items), [False] * len(items)
     for indices in by_mesh.values():
+        mesh = items[indices[0]][0].device_mesh
         vector = torch.stack([sums[i] for i in indices] + [flags[i] for i in indices])
-        dist.all_reduce(vector, group=items[indices[0]][0].device_mesh.get_group())
+        if vector.device.type != mesh.device_type:  # shards offloaded to CPU, mesh (and NCCL) on the GPU
+            vector = vector.to(torch.device(mesh.device_type, getattr(torch, mesh.device_type).current_device()))
+        dist.all_reduce(vector, group=mesh.get_group())
         values = vector.tolist()
         for k, i in enumerate(indices):
             total_sums[i], any_nonfinite[i] = values[k], values[len(indices) + k] > 0

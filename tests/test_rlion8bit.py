@@ -656,6 +656,12 @@ def test_dtensor_shards_on_one_rank_step_and_checkpoint_like_plain_tensors(one_r
         for key in ("state1", "absmax1"):
             gathered = saved_sharded[index][key].full_tensor()
             assert gathered.dtype == saved_plain[index][key].dtype and gathered.shape == saved_plain[index][key].shape
+    # a one-process checkpoint (plain tensors) loads into the sharded optimizer, state unchanged
+    fresh = RLion8bit(sharded, **options)
+    fresh.load_state_dict(copy.deepcopy(opt_plain.state_dict()))
+    for index in (0, 1):
+        for key in ("state1", "absmax1"):
+            assert torch.equal(fresh.state_dict()["state"][index][key].full_tensor(), saved_plain[index][key])
     before = [q.to_local().clone() for q in sharded]
     gradients = [torch.randn_like(b) for b in bases]
     copy_of_state = copy.deepcopy(opt_sharded.state_dict())
