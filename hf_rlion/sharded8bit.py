@@ -353,7 +353,7 @@ def restore_local_layout(optimizer) -> None:
                 continue
             layout = _layout(param, r8.BLOCKSIZE)
             codes, absmax, qmap = state["state1"], state["absmax1"], state["qmap1"]
-            local_codes = _local_rows(codes, param, layout).to(torch.uint8)
+            local_codes = _local_rows(codes, param, layout)
             global_absmax = absmax.full_tensor() if is_sharded(absmax) else absmax
             global_absmax = global_absmax.to(device=local_codes.device, dtype=torch.float32).reshape(-1)
             if global_absmax.numel() != layout.blocks:
@@ -386,10 +386,13 @@ def restore_local_layout(optimizer) -> None:
 
 def _local_rows(codes: Tensor, param: Tensor, layout: _ShardLayout) -> Tensor:
     """This rank's shard of loaded codes: a ``DTensor``'s local tensor, or the rows of a whole tensor."""
+    if codes.dtype != torch.uint8 or tuple(codes.shape) != tuple(param.shape):
+        raise ValueError(
+            f"RLion8bit.load_state_dict: state1 must be uint8 codes shaped like the parameter {tuple(param.shape)}, "
+            f"got {codes.dtype} of shape {tuple(codes.shape)}"
+        )
     if is_sharded(codes):
         return codes.to_local()
-    if tuple(codes.shape) != tuple(param.shape):
-        raise ValueError(f"state1 of shape {tuple(codes.shape)} for a parameter of shape {tuple(param.shape)}")
     flat = codes.reshape(-1)[layout.start : layout.start + layout.numel]
     return flat.view(param.to_local().shape).to(param.to_local().device)
 
