@@ -210,9 +210,11 @@ def _local_statistics(param: Tensor, state: dict, step: int, hp: dict) -> tuple[
 
 def _reduce_over_ranks(items, sums: list[Tensor], flags: list[Tensor]) -> tuple[list[float], list[bool]]:
     """Σ over ranks of each tensor's local ‖ĉ‖² and non-finite flag: one ``all_reduce`` per device mesh."""
-    by_mesh: dict[int, list[int]] = {}
+    by_mesh: dict[Any, list[int]] = {}
     for i, (p, _, _, _) in enumerate(items):
-        by_mesh.setdefault(id(p.device_mesh), []).append(i)
+        # DeviceMesh compares by its ranks and device type: each fully_shard call may build its own
+        # mesh object, and equal ones share one all_reduce
+        by_mesh.setdefault(p.device_mesh, []).append(i)
     total_sums, any_nonfinite = [0.0] * len(items), [False] * len(items)
     for indices in by_mesh.values():
         mesh = items[indices[0]][0].device_mesh

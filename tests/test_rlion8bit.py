@@ -626,6 +626,29 @@ def test_dtensor_layouts_other_than_fsdp2s_and_paged_sharded_state_are_refused(o
         PagedRLion8bit([sharded])
 
 
+def test_sharded_step_makes_one_all_reduce_for_all_tensors_of_all_groups(one_rank_mesh, monkeypatch):
+    """The global RMS and NaN/inf decision of every sharded tensor of a step travel in ONE all_reduce,
+    also across parameter groups and across equal device meshes built separately (as each
+    fully_shard call builds its own)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    other_mesh = init_device_mesh("cpu", (1,))
+    assert other_mesh is not one_rank_mesh
+    params = [nn.Parameter(distribute_tensor(torch.randn(16, 64), mesh, [Shard(0)]))
+              for mesh in (one_rank_mesh, other_mesh, one_rank_mesh, other_mesh)]  # fmt: skip
+    opt = RLion8bit([{"params": params[:2]}, {"params": params[2:], "alpha_scaling": "fixed"}], min_8bit_size=256)
+    calls = []
+    real_all_reduce = dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: calls.append(a[0].numel()) or real_all_reduce(*a, **k))
+    for _ in range(3):
+        for p in params:
+            p.grad = distribute_tensor(torch.randn(16, 64), p.device_mesh, [Shard(0)])
+        opt.step()
+    assert calls == [8, 8, 8]  # per step: 4 sums of squares and 4 non-finite flags
+
+
 @pytest.mark.parametrize("fused", [pytest.param(None, marks=needs_kernel), False])
 def test_dtensor_shards_on_one_rank_step_and_checkpoint_like_plain_tensors(one_rank_mesh, fused):
     """FSDP2's layout on one rank (DTensor, Shard(0)): the sharded path (hf_rlion.sharded8bit) steps like
