@@ -212,8 +212,8 @@ def _reduce_over_ranks(items, sums: list[Tensor], flags: list[Tensor]) -> tuple[
     """Σ over ranks of each tensor's local ‖ĉ‖² and non-finite flag: one ``all_reduce`` per device mesh."""
     by_mesh: dict[Any, list[int]] = {}
     for i, (p, _, _, _) in enumerate(items):
-        # DeviceMesh compares by its ranks and device type: each fully_shard call may build its own
-        # mesh object, and equal ones share one all_reduce
+        # DeviceMesh compares by its ranks and device type: equal meshes (one per fully_shard call,
+        # possibly distinct objects) share one all_reduce
         by_mesh.setdefault(p.device_mesh, []).append(i)
     total_sums, any_nonfinite = [0.0] * len(items), [False] * len(items)
     for indices in by_mesh.values():
