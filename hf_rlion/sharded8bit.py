@@ -104,7 +104,7 @@ class _ShardLayout:
         self.shard_numels = [(first_rows[r + 1] - first_rows[r]) * row_numel for r in range(world)]
         self.start, self.numel = first_rows[rank] * row_numel, self.shard_numels[rank]
         self.aligned = all(first_rows[r] * row_numel % blocksize == 0 for r in range(world) if self.shard_numels[r])
-        self.blocksize, self.world, self.rank = blocksize, world, rank
+        self.blocksize, self.world = blocksize, world
         self.blocks = -(-param.numel() // blocksize)
         self.local_blocks = -(-self.numel // blocksize)
         per_rank_blocks = -(-self.blocks // world)
@@ -327,7 +327,7 @@ def portable_state_dict(optimizer, state_dict: dict) -> dict:
         entry = state_dict["state"].get(index)
         if entry is None or not is_sharded(param) or "state1" not in entry:
             continue
-        layout = _layout(param, r8.BLOCKSIZE)
+        layout = _ShardLayout(param, r8.BLOCKSIZE)
         live_codes = entry["state1"].to_local()
         codes, global_absmax = _global_grid(layout, live_codes, entry["absmax1"], entry["qmap1"])
         low, high = layout.block_chunk
@@ -353,7 +353,7 @@ def restore_local_layout(optimizer) -> None:
             state = optimizer.state.get(param)
             if not state or not is_sharded(param) or "state1" not in state:
                 continue
-            layout = _layout(param, r8.BLOCKSIZE)
+            layout = _ShardLayout(param, r8.BLOCKSIZE)
             codes, absmax, qmap = state["state1"], state["absmax1"], state["qmap1"]
             local_codes = _local_rows(codes, param, layout)
             global_absmax = absmax.full_tensor() if is_sharded(absmax) else absmax
@@ -394,10 +394,8 @@ def _local_rows(codes: Tensor, param: Tensor, layout: _ShardLayout) -> Tensor:
             f"got {codes.dtype} of shape {tuple(codes.shape)}"
         )
     if is_sharded(codes):
+        if tuple(codes.placements) != (Shard(0),) or codes.device_mesh != param.device_mesh:
+            codes = codes.redistribute(param.device_mesh, [Shard(0)])
         return codes.to_local()
     flat = codes.reshape(-1)[layout.start : layout.start + layout.numel]
     return flat.view(param.to_local().shape).to(param.to_local().device)
-
-
-def _layout(param: Tensor, blocksize: int) -> _ShardLayout:
-    return _ShardLayout(param, blocksize)
