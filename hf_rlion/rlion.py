@@ -61,11 +61,16 @@ def rlion_update_(
     alpha_scaling: str,
     bias_correction: bool,
     maximize: bool,
+    scale: Optional[float] = None,
 ) -> None:
     """One RLion step on one tensor, in place: the plain reference every fast path is tested against.
 
     ``exp_avg`` is float32 (or float64) even when ``param`` is bfloat16/float16; the arithmetic
     runs in the momentum's dtype and the parameter is rounded once at the end.
+
+    ``scale``: the multiplier α_t of ĉ_t when the caller has computed it (a sharded tensor, whose
+    RMS is taken over all its shards: :mod:`hf_rlion.sharded8bit`); ``None`` computes it here from
+    ``alpha`` and ``alpha_scaling`` (:func:`_effective_alpha`).
     """
     compute_dtype = exp_avg.dtype
     g = grad.to(compute_dtype)
@@ -77,7 +82,8 @@ def rlion_update_(
     if bias_correction:
         c.div_(bias_divisor)
     # u_t = (2/π)·arctan(α_t·ĉ_t)
-    c.mul_(_effective_alpha(c, alpha, alpha_scaling, bias_divisor)).atan_().mul_(_TWO_OVER_PI)
+    alpha_t = _effective_alpha(c, alpha, alpha_scaling, bias_divisor) if scale is None else scale
+    c.mul_(alpha_t).atan_().mul_(_TWO_OVER_PI)
     # θ_t = θ_{t-1} − η·(u_t + λ·θ_{t-1})
     if param.dtype == compute_dtype:
         if weight_decay != 0.0:

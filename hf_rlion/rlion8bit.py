@@ -31,9 +31,10 @@ Tensors with fewer than ``min_8bit_size`` elements, and parameters that bitsandb
 ``GlobalOptimManager`` marks ``optim_bits=32`` (:func:`keep_embeddings_in_32bit` does that for
 ``nn.Embedding`` weights), keep RLion's ``exp_avg`` state and RLion's implementations.
 
-FSDP: not supported (see ``docs/8bit.md``); FSDP's flattened (``FlatParameter``) and
-``DTensor`` parameters are refused with a ``ValueError``. DDP works: every rank holds the
-same full state.
+Distributed (``docs/8bit.md``): DDP works, every rank holds the same full state. FSDP2
+(``fully_shard``: ``DTensor`` parameters, ``Shard(0)``) works, each rank holding the 8-bit state of
+its shard, with the per-tensor RMS and NaN/inf decision taken over the whole tensor
+(:mod:`hf_rlion.sharded8bit`). FSDP1's flattened ``FlatParameter`` is refused with a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ except ImportError as _err:  # pragma: no cover - exercised in an environment wi
         "Install it with: pip install 'hf-rlion[8bit]'"
     ) from _err
 
-from . import fused_cpu, native
+from . import fused_cpu, native, sharded8bit
 from .native import pointer_array
 from ._optimizer_base import BLOCKSIZE, RLionBase, as_32bit_state, low_precision_dtypes, validate_hyperparameters
 from .rlion import FLOAT32_MAX, RLion, rlion_update_
@@ -469,30 +470,19 @@ def _manager_overrides(param: Tensor, group_index: int, param_index: int) -> dic
 # --------------------------------------------------------------------------------------------
 
 
-def _check_not_fsdp(param: Tensor) -> None:
-    kind = type(param).__name__
-    flat_param_types: tuple[type, ...] = ()
-    dtensor_types: tuple[type, ...] = ()
-    if torch.distributed.is_available():
-        try:
-            from torch.distributed.fsdp._flat_param import FlatParameter
-
-            flat_param_types = (FlatParameter,)
-        except ImportError:  # pragma: no cover - older/newer torch layouts
-            pass
-        try:
-            from torch.distributed.tensor import DTensor
-
-            dtensor_types = (DTensor,)
-        except ImportError:  # pragma: no cover
-            pass
-    if (flat_param_types and isinstance(param, flat_param_types)) or (
-        dtensor_types and isinstance(param, dtensor_types)
-    ):
+def _check_not_fsdp1(param: Tensor) -> None:
+    if not torch.distributed.is_available():
+        return
+    try:
+        from torch.distributed.fsdp._flat_param import FlatParameter
+    except ImportError:  # pragma: no cover - older/newer torch layouts
+        return
+    if isinstance(param, FlatParameter):
         raise ValueError(
-            f"RLion8bit got an FSDP-sharded parameter ({kind}); 8-bit RLion state is per whole tensor "
-            "(blockwise codes and the per-tensor RMS of alpha_scaling='rms') and does not support FSDP. "
-            "Use DDP (every rank holds the full state), or optim='rlion' with FSDP. See docs/8bit.md."
+            "RLion8bit got an FSDP-sharded parameter (FSDP1's FlatParameter); 8-bit RLion state is per whole "
+            "tensor (blockwise codes and the per-tensor RMS of alpha_scaling='rms') and does not support FSDP1's "
+            "flattened parameters. Use FSDP2 (fully_shard), DDP (every rank holds the full state), or optim='rlion' "
+            "with FSDP. See docs/8bit.md."
         )
 
 
@@ -573,6 +563,7 @@ class RLion8bit(RLionBase):
         self._warned_paging = False
         self._warned_ignored_overrides = False
         self._foreign_qmaps: dict[int, Tensor] = {}  # qmap1 tensors that are not the shared map (by id)
+        self._sharded = False  # any DTensor parameter: those are stepped by hf_rlion.sharded8bit
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict) -> None:
@@ -582,6 +573,9 @@ class RLion8bit(RLionBase):
         self.__dict__.setdefault("_warned_paging", False)
         self.__dict__.setdefault("_warned_ignored_overrides", False)
         self.__dict__.setdefault("_foreign_qmaps", {})
+        self.__dict__.setdefault(
+            "_sharded", any(sharded8bit.is_sharded(p) for group in self.param_groups for p in group["params"])
+        )
         self._kernel_plans = {}  # they hold the state before (load_state_dict) or the original's tensors (a copy)
 
     # -- construction -------------------------------------------------------------------------
@@ -593,7 +587,25 @@ class RLion8bit(RLionBase):
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
         for p in group["params"]:
-            _check_not_fsdp(p)
+            _check_not_fsdp1(p)
+            if sharded8bit.is_sharded(p):
+                sharded8bit.check_supported(p, type(self).__name__, self._paged)
+                self._sharded = True
+
+    # -- state_dict: sharded parameters' state in a layout that reshards (hf_rlion.sharded8bit) ---
+
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer.state_dict``; for DTensor (FSDP2) parameters the 8-bit state is given
+        quantised on the tensor's global 256-element grid, as ``DTensor`` s (collective then, see
+        :mod:`hf_rlion.sharded8bit`)."""
+        state_dict = super().state_dict()
+        return sharded8bit.portable_state_dict(self, state_dict) if self._sharded else state_dict
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """:meth:`RLionBase.load_state_dict`, then DTensor parameters' state back to the per-shard layout."""
+        super().load_state_dict(state_dict)
+        if self._sharded:
+            sharded8bit.restore_local_layout(self)
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -698,6 +710,8 @@ class RLion8bit(RLionBase):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._sharded:
+            sharded8bit.step(self)
         any_paged = False
         device_path = False
         for group_index, group in enumerate(self.param_groups):
@@ -901,14 +915,23 @@ class RLion8bit(RLionBase):
             self._count_device_skips(step_tensors, flags)
         return any_paged
 
+    def _params_with_grad(self, params: Iterable[Tensor]):
+        candidates = super()._params_with_grad(params)
+        if self._sharded:  # stepped by sharded8bit.step
+            return (p for p in candidates if not sharded8bit.is_sharded(p))
+        return candidates
+
     # -- introspection --------------------------------------------------------------------------
 
     def state_bytes(self) -> int:
-        """Bytes held by the optimizer state tensors (codes, absmax, qmap, exp_avg, step)."""
+        """Bytes held by the optimizer state tensors (codes, absmax, qmap, exp_avg, step); on this rank
+        only for DTensor (FSDP2) state."""
         seen: set[int] = set()
         total = 0
         for state in self.state.values():
             for value in state.values():
+                if sharded8bit.is_sharded(value):
+                    value = value.to_local()
                 if isinstance(value, Tensor) and value.data_ptr() not in seen:
                     seen.add(value.data_ptr())
                     total += value.numel() * value.element_size()

@@ -594,20 +594,110 @@ def test_kernel_plan_steps_exactly_like_the_full_path_through_every_change_it_mu
     step(reference_path)  # fused=False set after the plan was built: the reference path, as asked
 
 
-def test_fsdp_dtensor_parameters_are_refused(tmp_path):
+@pytest.fixture
+def one_rank_mesh(tmp_path):
+    """A 1-rank gloo process group and its 1-D CPU device mesh (FSDP2's layout, on one process)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
 
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
-        mesh = init_device_mesh("cpu", (1,))
-        sharded = nn.Parameter(distribute_tensor(torch.zeros(8, 8), mesh, [Shard(0)]))
-        with pytest.raises(ValueError, match="FSDP.*DDP"):
-            RLion8bit([sharded])
+        yield init_device_mesh("cpu", (1,))
     finally:
         dist.destroy_process_group()
+
+
+def test_fsdp1_flat_parameters_are_refused():
+    from torch.distributed.fsdp._flat_param import FlatParameter
+
+    with pytest.raises(ValueError, match="FSDP1's FlatParameter.*FSDP2.*DDP"):
+        RLion8bit([FlatParameter(torch.zeros(8), requires_grad=True)])
+
+
+def test_dtensor_layouts_other_than_fsdp2s_and_paged_sharded_state_are_refused(one_rank_mesh):
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    replicated = nn.Parameter(distribute_tensor(torch.zeros(8, 8), one_rank_mesh, [Replicate()]))
+    with pytest.raises(ValueError, match=r"Shard\(0\).*optim='rlion'"):
+        RLion8bit([replicated])
+    sharded = nn.Parameter(distribute_tensor(torch.zeros(8, 8), one_rank_mesh, [Shard(0)]))
+    with pytest.raises(ValueError, match="PagedRLion8bit does not page sharded"):
+        PagedRLion8bit([sharded])
+
+
+def test_sharded_step_makes_one_all_reduce_for_all_tensors_of_all_groups(one_rank_mesh, monkeypatch):
+    """The global RMS and NaN/inf decision of every sharded tensor of a step travel in ONE all_reduce
+    (counted on the real collective), across parameter groups too, not one per tensor."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    params = [nn.Parameter(distribute_tensor(torch.randn(16, 64), one_rank_mesh, [Shard(0)])) for _ in range(4)]
+    opt = RLion8bit([{"params": params[:2]}, {"params": params[2:], "alpha_scaling": "fixed"}], min_8bit_size=256)
+    calls = []
+    real_all_reduce = dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: calls.append(a[0].numel()) or real_all_reduce(*a, **k))
+    for _ in range(3):
+        for p in params:
+            p.grad = distribute_tensor(torch.randn(16, 64), p.device_mesh, [Shard(0)])
+        opt.step()
+    assert calls == [8, 8, 8]  # per step: 4 sums of squares and 4 non-finite flags
+
+
+@pytest.mark.parametrize("fused", [pytest.param(None, marks=needs_kernel), False])
+def test_dtensor_shards_on_one_rank_step_and_checkpoint_like_plain_tensors(one_rank_mesh, fused):
+    """FSDP2's layout on one rank (DTensor, Shard(0)): the sharded path (hf_rlion.sharded8bit) steps like
+    the plain one up to the summation order of the RMS (float64 sum of the shards' float32 norms), holds
+    the same bytes, gives the one-process state layout gathered, and load_state_dict(state_dict()) is exact."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    torch.manual_seed(0)
+    bases = [torch.randn(40, 300), torch.randn(2, 2048), torch.randn(50)]  # 8-bit, 8-bit, 32-bit state
+    plain = [nn.Parameter(b.clone()) for b in bases]
+    sharded = [nn.Parameter(distribute_tensor(b.clone(), one_rank_mesh, [Shard(0)])) for b in bases]
+    options = dict(lr=1e-2, weight_decay=0.1, min_8bit_size=256, fused=fused)
+    opt_plain, opt_sharded = RLion8bit(plain, **options), RLion8bit(sharded, **options)
+
+    def step(gradients):
+        for p, q, g in zip(plain, sharded, gradients):
+            p.grad, q.grad = g.clone(), distribute_tensor(g.clone(), one_rank_mesh, [Shard(0)])
+        opt_plain.step()
+        opt_sharded.step()
+
+    for _ in range(5):
+        step([torch.randn_like(b) for b in bases])
+    for p, q in zip(plain, sharded):
+        torch.testing.assert_close(q.to_local(), p.detach(), rtol=0, atol=1e-6)
+    assert opt_sharded.state_bytes() == opt_plain.state_bytes()
+    saved_plain, saved_sharded = opt_plain.state_dict()["state"], opt_sharded.state_dict()["state"]
+    for index in (0, 1):
+        for key in ("state1", "absmax1"):
+            gathered = saved_sharded[index][key].full_tensor()
+            assert gathered.dtype == saved_plain[index][key].dtype and gathered.shape == saved_plain[index][key].shape
+    # a one-process checkpoint (plain tensors) loads into the sharded optimizer, state unchanged
+    fresh = RLion8bit(sharded, **options)
+    fresh.load_state_dict(copy.deepcopy(opt_plain.state_dict()))
+    for index in (0, 1):
+        for key in ("state1", "absmax1"):
+            assert torch.equal(fresh.state_dict()["state"][index][key].full_tensor(), saved_plain[index][key])
+    wrong = copy.deepcopy(opt_plain.state_dict())
+    wrong["state"][0]["absmax1"] = wrong["state"][0]["absmax1"][:-1]
+    with pytest.raises(ValueError, match="absmax1 .* 46 blocks, expected 47"):
+        RLion8bit(sharded, **options).load_state_dict(wrong)
+    before = [q.to_local().clone() for q in sharded]
+    gradients = [torch.randn_like(b) for b in bases]
+    copy_of_state = copy.deepcopy(opt_sharded.state_dict())
+    step(gradients)
+    after = [q.to_local().clone() for q in sharded]
+    with torch.no_grad():
+        for q, b in zip(sharded, before):
+            q.to_local().copy_(b)
+    opt_sharded.load_state_dict(copy_of_state)
+    for q, g in zip(sharded, gradients):
+        q.grad = distribute_tensor(g.clone(), one_rank_mesh, [Shard(0)])
+    opt_sharded.step()
+    for q, a in zip(sharded, after):
+        assert torch.equal(q.to_local(), a)
 
 
 def test_missing_bitsandbytes_names_the_extra(monkeypatch):

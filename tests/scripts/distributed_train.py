@@ -26,6 +26,7 @@ def main():
     parser.add_argument("--global_batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--min_8bit_size", type=int, default=None, help="RLion8bit's (default: its own)")
     parser.add_argument("--save_state", action="store_true", help="also round-trip the optimizer state")
     args = parser.parse_args()
 
@@ -37,7 +38,8 @@ def main():
     loader = torch.utils.data.DataLoader(data, batch_size=per_device, shuffle=False, drop_last=True)
     model = nn.Sequential(nn.Linear(64, 96), nn.LayerNorm(96), nn.GELU(), nn.Linear(96, 10))
     model, loader = accelerator.prepare(model, loader)  # FSDP needs the model wrapped before the optimizer
-    optimizer = accelerator.prepare(hf_rlion.create_optimizer(model, args.optim, lr=3e-3, weight_decay=0.01))
+    options = {} if args.min_8bit_size is None else {"min_8bit_size": args.min_8bit_size}
+    optimizer = accelerator.prepare(hf_rlion.create_optimizer(model, args.optim, lr=3e-3, weight_decay=0.01, **options))
 
     losses, step = [], 0
     while step < args.steps:
