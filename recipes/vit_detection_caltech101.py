@@ -1,36 +1,21 @@
 #!/usr/bin/env python
 """ViT single-box detection on Caltech101 with RLion (or any registered optimizer), on Accelerate.
 
-The RLion paper's "object detection with Vision Transformers on Caltech101" is the public
-single-box regression set-up: the 800 ``airplanes`` images with their boxes, sorted, first
-80 % train / last 20 % test, 224x224 input, a small ViT (patch 32, width 64, 4 layers, 4 heads)
-whose flattened tokens feed an MLP regressing the normalised box (x1, y1, x2, y2), MSE loss,
-metric mean IoU. The baseline trains AdamW (lr 1e-3, weight decay 1e-4, batch 32, <= 100 epochs,
-the last 10 % of the training images held out for validation); this script reports mean IoU on
-the whole test split, next to the IoU of always predicting the mean training box.
-
-Run (one process, or ``accelerate launch`` for several)::
+The RLion paper's "object detection with Vision Transformers on Caltech101" is the public single-box
+regression set-up: Caltech101 ``airplanes`` with their boxes, sorted, first 80 % train / last 20 %
+test (the last 10 % of the training images for validation), 224x224 input, a small ViT (patch 32,
+width 64, 4 layers) whose flattened tokens feed an MLP regressing the normalised box (x1, y1, x2,
+y2), MSE loss, AdamW lr 1e-3, weight decay 1e-4, batch 32, <= 100 epochs. This script reports mean
+IoU on the whole test split, next to the IoU of always predicting the mean training box; the epoch
+kept is the best on the validation split (the last one with ``--validation_fraction 0``), never
+chosen on the test split. Data: :mod:`hf_rlion.caltech101`; model:
+:class:`hf_rlion.models.ViTBoxRegressionModel`; checkpoints: :mod:`hf_rlion.complete_checkpoints`
+(``checkpoint-<epoch>``, whose completeness marker holds this script's state; the latest and the
+best are kept). Outputs, options and figures: docs/vit_detection.md. Run (one process, or
+``accelerate launch`` for several; or one ``.json``/``.yaml`` file of the flags as argument)::
 
     python recipes/vit_detection_caltech101.py --data_dir /data/caltech-101 \\
         --optim rlion --output_dir runs/vit-caltech101-rlion
-
-or with the arguments in a file: ``python recipes/vit_detection_caltech101.py args.yaml`` (or
-``.json``), its keys being the flag names.
-
-Data: :mod:`hf_rlion.caltech101` reads the official layout (or the official zip's archives),
-skips and reports bad annotations (``--strict_annotations`` fails instead) and caches the parsed
-dataset. Model: :class:`hf_rlion.models.ViTBoxRegressionModel`. Checkpoints:
-:mod:`hf_rlion.complete_checkpoints` (``checkpoint-<epoch>``, complete once its marker, which
-holds this script's state, is written; the latest and the best are kept).
-
-Outputs in ``--output_dir``: ``eval_results.json`` (test ``mean_iou``, ``iou_at_0.5``,
-``mean_box_baseline_mean_iou``, ``num_images``), ``all_results.json``, ``log_history.json``,
-``skipped_annotations.json``, the kept model (``save_pretrained``), ``predictions.png``,
-``training_curves.png``, and with ``--push_to_hub`` the model on the Hub with a card.
-
-Model selection: with ``--validation_fraction > 0`` (default 0.1, the baseline's
-``validation_split``) the epoch with the best validation mean IoU is kept; with 0, the last
-epoch is. The test split is never used to choose. Details: docs/vit_detection.md.
 """
 
 from __future__ import annotations
@@ -51,13 +36,7 @@ from torchvision.transforms import v2
 
 import hf_rlion
 from hf_rlion.caltech101 import load_caltech101, split_off_validation, split_train_test
-from hf_rlion.complete_checkpoints import (
-    CHECKPOINT_PREFIX,
-    prune_checkpoints,
-    read_marker,
-    resolve_checkpoint,
-    save_accelerate_checkpoint,
-)
+from hf_rlion.complete_checkpoints import CHECKPOINT_PREFIX, prune_checkpoints, read_marker, resolve_checkpoint, save_accelerate_checkpoint
 from hf_rlion.distributed_exit import exit_distributed_run
 from hf_rlion.models import ViTBoxRegressionConfig, ViTBoxRegressionModel, box_iou
 from hf_rlion.registry import OPTIMIZERS, optimizer_kwargs, parse_optim_args
@@ -66,10 +45,6 @@ from hf_rlion.registry import OPTIMIZERS, optimizer_kwargs, parse_optim_args
 PIXEL_MEAN = 0.5
 PIXEL_STD = 0.5
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "inverse_sqrt")
-
-
-def _choices(*values: str, note: str = "") -> dict:
-    return {"choices": values, "help": note}
 
 
 @dataclass
@@ -105,7 +80,7 @@ class ModelArguments:
     head_hidden_sizes: str = field(default="2048,1024,512,64,32", metadata={"help": "comma-separated widths of the box head's MLP"})
     head_dropout: float = 0.3
     hidden_dropout_prob: float = 0.1
-    loss: str = field(default="mse", metadata=_choices("mse", "giou"))
+    loss: str = field(default="mse", metadata={"choices": ("mse", "giou")})
     class_head: bool = field(default=False, metadata={"help": "also predict the category (useful with several categories)"})
     class_loss_weight: float = field(default=0.1, metadata={"help": "weight of the class head's cross-entropy added to the box loss"})
 
@@ -130,7 +105,7 @@ class ModelArguments:
 @dataclass
 class TrainingArguments:
     output_dir: str
-    optim: str = field(default="rlion", metadata=_choices(*OPTIMIZERS))
+    optim: str = field(default="rlion", metadata={"choices": tuple(OPTIMIZERS)})
     optim_args: Optional[str] = field(default=None, metadata={"help": "optimizer options, e.g. 'alpha=3,alpha_scaling=rms,beta2=0.99'"})
     learning_rate: Optional[float] = field(default=None, metadata={"help": "default: the optimizer's registered default (hf_rlion.registry)"})
     weight_decay: float = 1e-4
@@ -139,9 +114,9 @@ class TrainingArguments:
     per_device_eval_batch_size: int = 64
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = field(default=0.0, metadata={"help": "clip the gradient norm (0: no clipping, as the baseline)"})
-    lr_scheduler_type: str = field(default="constant", metadata=_choices(*SCHEDULERS))
+    lr_scheduler_type: str = field(default="constant", metadata={"choices": SCHEDULERS})
     warmup_steps: int = field(default=0, metadata={"help": "warm-up optimizer steps (schedulers with warm-up)"})
-    mixed_precision: Optional[str] = field(default=None, metadata=_choices("no", "fp16", "bf16", note="default: accelerate's config"))
+    mixed_precision: Optional[str] = field(default=None, metadata={"choices": ("no", "fp16", "bf16"), "help": "default: accelerate's config"})
     seed: int = 42
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "a checkpoint-<epoch> folder, or 'latest'/'last' (the last complete one in --output_dir)"})
     num_plot_images: int = 8
@@ -183,10 +158,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[DataArguments, Mod
         parser.error(str(err))
 
 
-# ----------------------------------------------------------------------------------------
-# Data, model, metrics
-# ----------------------------------------------------------------------------------------
-
 
 def image_to_tensor() -> v2.Compose:
     """RGB image to float32 (3, H, W): scaled to [0, 1], then ``(x - 0.5) / 0.5`` (ViTImageProcessor's defaults)."""
@@ -211,13 +182,8 @@ class CaltechBoxes(torch.utils.data.Dataset):
 
     def __init__(self, rows, image_size: int, hflip_probability: float = 0.0, seed: int = 0):
         self.rows, self.image_size, self.seed, self.epoch = rows, image_size, seed, 0
-        self.transform = v2.Compose(
-            [
-                v2.Resize((image_size, image_size), interpolation=v2.InterpolationMode.BILINEAR),
-                v2.RandomHorizontalFlip(hflip_probability),
-                image_to_tensor(),
-            ]
-        )
+        resize = v2.Resize((image_size, image_size), interpolation=v2.InterpolationMode.BILINEAR)
+        self.transform = v2.Compose([resize, v2.RandomHorizontalFlip(hflip_probability), image_to_tensor()])
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -287,10 +253,6 @@ def evaluate(model, dataloader, accelerator) -> tuple[dict[str, float], dict[str
     return metrics, predictions
 
 
-# ----------------------------------------------------------------------------------------
-# Pictures
-# ----------------------------------------------------------------------------------------
-
 
 def plot_predictions(rows, indices: list[int], pred: torch.Tensor, path: Path, title: str) -> None:
     """Test images with the true box (green) and the prediction (red, dashed), IoU in the title."""
@@ -340,10 +302,6 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path, title: str) 
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
-
-# ----------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------
 
 
 def load_splits(data_args: DataArguments, accelerator) -> dict[str, Any]:
