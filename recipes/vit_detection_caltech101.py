@@ -60,9 +60,13 @@ class DataArguments:
     dataloader_num_workers: int = 0
 
     def __post_init__(self):
-        for name, low, high in (("test_fraction", 0.0, 1.0), ("validation_fraction", -1e-12, 1.0), ("hflip_probability", -1e-12, 1.0 + 1e-12)):
-            if not low < getattr(self, name) < high:
-                raise ValueError(f"--{name} out of range: {getattr(self, name)}")
+        in_range = {
+            "test_fraction": 0 < self.test_fraction < 1,
+            "validation_fraction": 0 <= self.validation_fraction < 1,
+            "hflip_probability": 0 <= self.hflip_probability <= 1,
+        }
+        for name in (name for name, ok in in_range.items() if not ok):
+            raise ValueError(f"--{name} out of range: {getattr(self, name)}")
 
 
 @dataclass
@@ -158,7 +162,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[DataArguments, Mod
         parser.error(str(err))
 
 
-
 def image_to_tensor() -> v2.Compose:
     """RGB image to float32 (3, H, W): scaled to [0, 1], then ``(x - 0.5) / 0.5`` (ViTImageProcessor's defaults)."""
     return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize([PIXEL_MEAN] * 3, [PIXEL_STD] * 3)])
@@ -198,7 +201,7 @@ class CaltechBoxes(torch.utils.data.Dataset):
         pixels = torch.tensor([row["box"]]) * torch.tensor([width, height, width, height])
         box = tv_tensors.BoundingBoxes(pixels, format="XYXY", canvas_size=(height, width))
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)
+            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index) % 2**63)
             pixel_values, box = self.transform(image, box)
         box = box.as_subclass(torch.Tensor)[0] / self.image_size
         return {"pixel_values": pixel_values.as_subclass(torch.Tensor), "boxes": box, "labels": row["label"]}
@@ -253,7 +256,6 @@ def evaluate(model, dataloader, accelerator) -> tuple[dict[str, float], dict[str
     return metrics, predictions
 
 
-
 def plot_predictions(rows, indices: list[int], pred: torch.Tensor, path: Path, title: str) -> None:
     """Test images with the true box (green) and the prediction (red, dashed), IoU in the title."""
     import matplotlib
@@ -301,7 +303,6 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path, title: str) 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
 
 
 def load_splits(data_args: DataArguments, accelerator) -> dict[str, Any]:
