@@ -1,4 +1,4 @@
-"""The ViT detection recipe on Caltech101 (recipes/vit_detection_caltech101.py) and its model.
+"""The ViT detection recipe (recipes/vit_detection_caltech101.py), its reader (hf_rlion.caltech101), its model.
 
 What these tests prove, on a Caltech-layout fixture written by ``_caltech_fixture`` (real
 ``.mat`` files via scipy.io.savemat, JPEG images, the renamed annotation folders):
@@ -10,6 +10,8 @@ What these tests prove, on a Caltech-layout fixture written by ``_caltech_fixtur
   official zip's folder and its archives are found; the parsed dataset is cached and a changed
   file rebuilds it;
 * the split is sorted first 80 % / last 20 % per category (or seeded), bad input is a clear error;
+* arguments: a JSON or YAML file gives the same dataclasses as the flags; a flip moves image and
+  box together and is drawn from (seed, epoch, index) only (not the global RNG, not the order);
 * the model: save_pretrained / AutoModel.from_pretrained round trip, IoU and GIoU against plain
   references, GIoU loss and class head train, a pretrained ViT backbone is loaded;
 * end to end (real training, tiny ViT): RLion (MSE) and RLion8bit (GIoU) beat the constant-mean-box baseline by a clear
@@ -229,6 +231,41 @@ def test_bad_arguments_are_clear_errors(argv, message, capsys):
     with pytest.raises(SystemExit):
         recipe.parse_args(["--data_dir", ".", "--output_dir", "o", *argv])
     assert __import__("re").search(message, capsys.readouterr().err)
+
+
+def test_arguments_from_a_json_or_yaml_file_equal_the_same_flags(tmp_path):
+    import yaml
+
+    flags = ["--data_dir", "d", "--output_dir", "o", "--optim", "adamw", "--categories", "airplanes", "Faces", "--head_hidden_sizes", "64,32", "--hflip_probability", "0.5", "--class_head"]
+    content = {"data_dir": "d", "output_dir": "o", "optim": "adamw", "categories": ["airplanes", "Faces"], "head_hidden_sizes": "64,32", "hflip_probability": 0.5, "class_head": True}
+    (tmp_path / "args.json").write_text(json.dumps(content))
+    (tmp_path / "args.yaml").write_text(yaml.safe_dump(content))
+    expected = recipe.parse_args(flags)
+    assert expected[1].class_head and expected[0].categories == ["airplanes", "Faces"]
+    assert recipe.parse_args([str(tmp_path / "args.json")]) == expected == recipe.parse_args([str(tmp_path / "args.yaml")])
+
+
+def test_a_flip_moves_image_and_box_together_and_depends_only_on_seed_epoch_and_index(caltech, cache_dir):
+    root, _ = caltech
+    dataset, *_ = caltech101.load_caltech101(root, ["airplanes"], cache_dir, show_progress=False)
+    rows = dataset.select(range(8))
+    plain, flipped = recipe.CaltechBoxes(rows, 32), recipe.CaltechBoxes(rows, 32, hflip_probability=1.0)
+    for i in range(len(rows)):
+        torch.testing.assert_close(plain[i]["boxes"], torch.tensor(rows[i]["box"]), rtol=0, atol=1e-6)  # resizing keeps the normalised box
+        assert torch.equal(flipped[i]["pixel_values"], plain[i]["pixel_values"].flip(-1))
+        x1, y1, x2, y2 = plain[i]["boxes"].tolist()
+        torch.testing.assert_close(flipped[i]["boxes"], torch.tensor([1 - x2, y1, 1 - x1, y2]), rtol=0, atol=1e-6)
+    half = recipe.CaltechBoxes(rows, 32, hflip_probability=0.5, seed=3)
+
+    def flips(epoch: int, order) -> dict[int, bool]:
+        half.set_epoch(epoch)
+        return {i: not torch.equal(half[i]["pixel_values"], plain[i]["pixel_values"]) for i in order}
+
+    torch.manual_seed(0)
+    first = flips(1, range(8))
+    torch.manual_seed(123)  # neither the global RNG nor the order of access matters
+    assert flips(1, reversed(range(8))) == first
+    assert any(flips(epoch, range(8)) != first for epoch in (2, 3, 4)) and 0 < sum(first.values()) < 8
 
 
 # -- model ----------------------------------------------------------------------------------
