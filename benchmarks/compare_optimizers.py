@@ -307,14 +307,16 @@ def _recipe_caltech_data() -> TaskData:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from _caltech_fixture import write_caltech_fixture
 
+    from hf_rlion.caltech101 import load_caltech101, split_train_test
+
     recipe = _load_detection_recipe()
     image_size = int(CALTECH_MODEL_ARGS[CALTECH_MODEL_ARGS.index("--image_size") + 1])
     with tempfile.TemporaryDirectory() as tmp:
         write_caltech_fixture(Path(tmp) / "caltech101", {"airplanes": 300}, seed=0)
-        dataset, _, _, _ = recipe.load_caltech101(
+        dataset, _, _, _ = load_caltech101(
             Path(tmp) / "caltech101", ["airplanes"], cache_dir=Path(tmp) / "cache", show_progress=False
         )
-        train, test = recipe.split_train_test(dataset)
+        train, test = split_train_test(dataset)
 
         def tensors(indices):
             rows = dataset.select(indices)
@@ -327,8 +329,8 @@ def _recipe_caltech_data() -> TaskData:
 def _recipe_caltech_model() -> nn.Module:
     """The detection recipe's model (``hf_rlion.models.ViTBoxRegressionModel``), built by its ``build_model``."""
     recipe = _load_detection_recipe()
-    args = recipe.parse_args(["--data_dir", ".", "--output_dir", ".", *CALTECH_MODEL_ARGS])
-    return _OutputField(recipe.build_model(args, ["airplanes"]), "pred_boxes")
+    _, model_args, _ = recipe.parse_args(["--data_dir", ".", "--output_dir", ".", *CALTECH_MODEL_ARGS])
+    return _OutputField(recipe.build_model(model_args, ["airplanes"]), "pred_boxes")
 
 
 TASKS: dict[str, Task] = {

@@ -28,6 +28,8 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from _caltech_fixture import write_caltech_fixture  # noqa: E402
 
+from hf_rlion.complete_checkpoints import complete_checkpoints  # noqa: E402
+
 CLASSIFICATION = REPO / "recipes" / "image_classification.py"
 DETECTION = REPO / "recipes" / "vit_detection_caltech101.py"
 
@@ -135,7 +137,6 @@ def test_classification_recipe_refuses_a_checkpoint_with_missing_weights(tmp_pat
 def test_detection_recipe_killed_and_resumed(optim, tmp_path):
     if optim == "rlion_8bit":
         pytest.importorskip("bitsandbytes")
-    recipe = _load(DETECTION)
     data = tmp_path / "caltech101"
     write_caltech_fixture(data)
     common = [
@@ -148,7 +149,7 @@ def test_detection_recipe_killed_and_resumed(optim, tmp_path):
     _run(common + ["--output_dir", str(tmp_path / "straight")], tmp_path)
     crashed = tmp_path / "crashed"
     delay = random.Random(f"detection-{optim}").uniform(0.0, 1.0)
-    _run_and_kill(common + ["--output_dir", str(crashed)], tmp_path, recipe.complete_checkpoints, crashed, delay)
+    _run_and_kill(common + ["--output_dir", str(crashed)], tmp_path, complete_checkpoints, crashed, delay)
     _run(common + ["--output_dir", str(crashed), "--resume_from_checkpoint", "latest"], tmp_path)
     _assert_same_weights(tmp_path / "straight" / "checkpoint-5" / "model.safetensors", crashed / "checkpoint-5" / "model.safetensors")
     _assert_same_weights(tmp_path / "straight" / "model.safetensors", crashed / "model.safetensors")
