@@ -682,7 +682,7 @@ def test_dtensor_shards_on_one_rank_step_and_checkpoint_like_plain_tensors(one_r
             assert torch.equal(fresh.state_dict()["state"][index][key].full_tensor(), saved_plain[index][key])
     wrong = copy.deepcopy(opt_plain.state_dict())
     wrong["state"][0]["absmax1"] = wrong["state"][0]["absmax1"][:-1]
-    with pytest.raises(ValueError, match="absmax1 .* 46 blocks, expected 47"):
+    with pytest.raises(ValueError, match="absmax1.* 47 entries .*46"):
         RLion8bit(sharded, **options).load_state_dict(wrong)
     before = [q.to_local().clone() for q in sharded]
     gradients = [torch.randn_like(b) for b in bases]
