@@ -756,7 +756,7 @@ def plot_mean_std(records: list[dict], tasks: list[str], lr: float, path: Path, 
     summary = summarize(records, False)
     labels = _sorted_optimizers(k[1] for k in summary if k[0] in tasks and k[2] == lr)
     width = 0.8 / len(labels)
-    fig, ax = plt.subplots(figsize=(1.6 + 2.4 * len(tasks), 3.8))
+    fig, ax = plt.subplots(figsize=(2.0 + 2.4 * len(tasks), 3.8))
     for i, label in enumerate(labels):
         color = _style(label)["color"]
         for j, task in enumerate(tasks):
@@ -770,15 +770,16 @@ def plot_mean_std(records: list[dict], tasks: list[str], lr: float, path: Path, 
             seeds = [r["metric"] for r in records
                      if r["task"] == task and r["optimizer"] == label and r["lr"] == lr and not r["warmup"]]
             ax.scatter([x] * len(seeds), seeds, s=10, color="white", edgecolors="black", linewidths=0.6, zorder=3)
-    low = min(r["metric"] for r in records if r["task"] in tasks and r["lr"] == lr)
-    ax.set_ylim(max(0.0, low - 0.05), 1.0 if all(TASKS[t].metric_name == "accuracy" for t in tasks) else None)
+    shown = [r["metric"] for r in records if r["task"] in tasks and r["lr"] == lr]
+    tops = [s["mean"] + s["std"] for (t, _, r), s in summary.items() if t in tasks and r == lr]
+    ax.set_ylim(max(0.0, min(shown) - 0.05), max(tops + shown) + 0.03)
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylabel(_metric_name(tasks[0]) if len({_metric_name(t) for t in tasks}) == 1 else "metric")
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
