@@ -103,7 +103,7 @@ def test_recipe_caltech_task_goes_through_the_detection_recipe(study):
 
 def test_paper_arch_tasks_build_train_and_report(study, tmp_path):
     """FasterNet-T0 and the half-size EfficientNetV2-B0 are built from scratch by timm (nothing
-    downloaded) with the sizes and input channels the docs state; one step on 16 texture patches
+    downloaded) with the sizes and input channels the docs state; one step on 15 texture patches
     trains with a finite loss (every optimizer of the ``--paper-archs`` grid on FasterNet, RLion's
     defaults on EfficientNetV2), and the report writes the mean ± std table and the bar plot."""
     import dataclasses
