@@ -33,6 +33,14 @@ Tasks (all data is generated or ships inside a package; nothing is downloaded):
     (``hf_rlion.models.ViTBoxRegressionModel`` from the recipe's ``build_model``), shrunk to
     64 px, patch 16, width 32, 2 layers so a run takes seconds; MSE loss, trained by this
     script's loop; metric: mean IoU over the whole test split.
+``fasternet_digits``, ``effnetv2_digits``, ``fasternet_textures``, ``effnetv2_textures``
+    the paper's architecture families, built from scratch by timm (no download): FasterNet-T0
+    (``fasternet_t0`` as published, 2.6M parameters) and EfficientNetV2-B0
+    (``tf_efficientnetv2_b0``, the family's smallest variant) at half width and half depth
+    (0.8M parameters: at full size a step costs four times FasterNet-T0's on one CPU thread),
+    on the ``recipe_digits`` data (32×32 RGB digits, the recipe's 80/20 split) and on the
+    ``textures`` data cut into 32×32 patches (1-channel); 3 epochs; metric: test accuracy.
+    Run by ``--paper-archs``.
 
 Every run: ``torch.set_num_threads(1)``, batch 32 (``recipe_digits``: 64, the recipe's), weight decay 0.01 on weights only
 (:func:`hf_rlion.create_optimizer`'s Trainer-style grouping), transformers' linear
@@ -45,6 +53,7 @@ Usage::
 
     python benchmarks/compare_optimizers.py                 # small default grid, minutes
     python benchmarks/compare_optimizers.py --full          # the whole study (900 runs), ~2 h on 1 core
+    python benchmarks/compare_optimizers.py --paper-archs --out study_paper_archs  # FasterNet/EfficientNetV2, 36 runs
     python benchmarks/compare_optimizers.py --full --shard 0/2 --out study &   # two parallel jobs
     python benchmarks/compare_optimizers.py --full --shard 1/2 --out study &
     python benchmarks/compare_optimizers.py --report --out study --figures docs/figures  # tables + plots
@@ -333,6 +342,17 @@ def _recipe_caltech_model() -> nn.Module:
     return _OutputField(recipe.build_model(model_args, ["airplanes"]), "pred_boxes")
 
 
+#: EfficientNetV2-B0's width and depth multipliers in the ``effnetv2_digits`` task
+EFFNETV2_MULTIPLIERS = dict(channel_multiplier=0.5, depth_multiplier=0.5)
+
+
+def timm_model(name: str, num_classes: int, in_chans: int = 3, **kwargs) -> nn.Module:
+    """A timm image classifier built from scratch (random init, nothing downloaded)."""
+    import timm
+
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
@@ -352,6 +372,24 @@ TASKS: dict[str, Task] = {
         Task(
             "recipe_caltech", "mean IoU", 15, _recipe_caltech_data, _recipe_caltech_model,
             nn.functional.mse_loss, _mean_iou,
+        ),
+        Task(
+            "fasternet_digits", "accuracy", 3, _recipe_digits_data, lambda: timm_model("fasternet_t0", 10),
+            nn.functional.cross_entropy, _accuracy,
+        ),
+        Task(
+            "effnetv2_digits", "accuracy", 3, _recipe_digits_data,
+            lambda: timm_model("tf_efficientnetv2_b0", 10, **EFFNETV2_MULTIPLIERS),
+            nn.functional.cross_entropy, _accuracy,
+        ),
+        Task(
+            "fasternet_textures", "accuracy", 3, lambda: _textures_data(patch=32),
+            lambda: timm_model("fasternet_t0", 3, in_chans=1), nn.functional.cross_entropy, _accuracy,
+        ),
+        Task(
+            "effnetv2_textures", "accuracy", 3, lambda: _textures_data(patch=32),
+            lambda: timm_model("tf_efficientnetv2_b0", 3, in_chans=1, **EFFNETV2_MULTIPLIERS),
+            nn.functional.cross_entropy, _accuracy,
         ),
     )
 }
@@ -442,6 +480,20 @@ def small_grid() -> list[dict]:
         for opt, lr, task in itertools.product(
             optimizers, (1e-4, 1e-3, 1e-2), ("digits", "boxes", "textures", "recipe_caltech")
         )
+    ]
+
+
+PAPER_ARCH_TASKS = ("fasternet_digits", "effnetv2_digits", "fasternet_textures", "effnetv2_textures")
+
+
+def paper_archs_grid(seeds=(0, 1, 2)) -> list[dict]:
+    """The paper's setting on its architecture families: AdamW, Lion and RLion with its defaults,
+    all at lr 1e-3 without warm-up, on FasterNet-T0 and a small EfficientNetV2 (digits and textures);
+    seed-major order (36 runs, about 25 min on one thread of a loaded 2-core machine)."""
+    optimizers = [ADAMW, LION, default_rlion_config()]
+    return [
+        dict(task=task, optimizer=opt, lr=1e-3, seed=seed, warmup=False)
+        for seed, task, opt in itertools.product(seeds, PAPER_ARCH_TASKS, optimizers)
     ]
 
 
@@ -581,14 +633,16 @@ def read_results(path: Path) -> list[dict]:
 
 
 def summarize(records: list[dict], warmup: bool = False) -> dict[tuple[str, str, float], dict]:
-    """(task, optimizer, lr) -> mean / min / max of the metric over seeds, for one warm-up setting."""
+    """(task, optimizer, lr) -> mean / sample std / min / max of the metric over seeds, for one warm-up setting."""
     cells: dict[tuple, list[float]] = {}
     for r in records:
         if r["warmup"] == warmup:
             metric = learned_nothing_metric(TASKS[r["task"]]) if r["diverged"] else r["metric"]
             cells.setdefault((r["task"], r["optimizer"], r["lr"]), []).append(metric)
     return {
-        k: dict(mean=float(np.mean(v)), min=float(np.min(v)), max=float(np.max(v)), n=len(v)) for k, v in cells.items()
+        k: dict(mean=float(np.mean(v)), std=float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+                min=float(np.min(v)), max=float(np.max(v)), n=len(v))
+        for k, v in cells.items()
     }
 
 
@@ -671,6 +725,64 @@ def variant_table(records: list[dict], tasks: list[str], pairs: list[tuple[str, 
         name_b = label_b + (" +warm-up" if warm_b else "")
         lines.append(f"| {name_a} -> {name_b} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def mean_std_table(summary: dict, tasks: list[str], lr: float) -> str:
+    """Rows: optimizers; each cell: mean ± sample std over seeds at ``lr`` and the difference of
+    the means to AdamW's."""
+    labels = _sorted_optimizers(k[1] for k in summary if k[0] in tasks and k[2] == lr)
+    lines = ["| optimizer | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for label in labels:
+        cells = []
+        for task in tasks:
+            s, ref = summary.get((task, label, lr)), summary.get((task, "adamw", lr))
+            if s is None:
+                cells.append("")
+                continue
+            cell = f"{s['mean']:.3f} ± {s['std']:.3f}"
+            if ref is not None and label != "adamw":
+                cell += f" ({s['mean'] - ref['mean']:+.3f})"
+            cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_mean_std(records: list[dict], tasks: list[str], lr: float, path: Path, title: str) -> None:
+    """One bar per optimizer and task: the mean metric over seeds at ``lr``, ± sample std as an
+    error bar, every seed as a dot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = summarize(records, False)
+    labels = _sorted_optimizers(k[1] for k in summary if k[0] in tasks and k[2] == lr)
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(2.0 + 2.4 * len(tasks), 3.8))
+    for i, label in enumerate(labels):
+        color = _style(label)["color"]
+        for j, task in enumerate(tasks):
+            s = summary.get((task, label, lr))
+            if s is None:
+                continue
+            x = j + (i - (len(labels) - 1) / 2) * width
+            ax.bar(x, s["mean"], width * 0.9, yerr=s["std"], color=color, alpha=0.8, capsize=3,
+                   label=label if j == 0 else None)
+            ax.text(x, s["mean"] + s["std"] + 0.005, f"{s['mean']:.3f}", ha="center", va="bottom", fontsize=7)
+            seeds = [r["metric"] for r in records
+                     if r["task"] == task and r["optimizer"] == label and r["lr"] == lr and not r["warmup"]]
+            ax.scatter([x] * len(seeds), seeds, s=10, color="white", edgecolors="black", linewidths=0.6, zorder=3)
+    shown = [r["metric"] for r in records if r["task"] in tasks and r["lr"] == lr]
+    tops = [s["mean"] + s["std"] for (t, _, r), s in summary.items() if t in tasks and r == lr]
+    ax.set_ylim(max(0.0, min(shown) - 0.05), max(tops + shown) + 0.03)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylabel(_metric_name(tasks[0]) if len({_metric_name(t) for t in tasks}) == 1 else "metric")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def _style(label: str) -> dict:
@@ -883,12 +995,30 @@ def report(records: list[dict], figures_dir: Path, prefix: str = "results_") -> 
     return "\n".join(text)
 
 
+def paper_archs_report(records: list[dict], figures_dir: Path, prefix: str = "results_paper_archs") -> str:
+    """The ``--paper-archs`` grid: its mean ± std table at lr 1e-3, a bar plot and the loss curves."""
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    tasks = [t for t in PAPER_ARCH_TASKS if any(r["task"] == t for r in records)]
+    seeds = sorted({r["seed"] for r in records})
+    plot_mean_std(records, tasks, 1e-3, figures_dir / f"{prefix}.png",
+                  f"lr 1e-3, no warm-up; mean ± std over seeds {seeds} (dots: single seeds)")
+    labels = _sorted_optimizers(r["optimizer"] for r in records)
+    plot_loss_curves(records, tasks, labels, 1e-3, figures_dir / f"{prefix}_loss_curves.png")
+    return (
+        "### FasterNet-T0 and EfficientNetV2-B0 (half width and depth) at lr 1e-3, no warm-up "
+        "(mean ± std over seeds; difference to AdamW)\n\n" + mean_std_table(summarize(records, False), tasks, 1e-3) + "\n"
+    )
+
+
 # ----------------------------------------------------------------------------- command line
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--full", action="store_true", help="the whole grid (hours on one core) instead of the small default")
+    grid = parser.add_mutually_exclusive_group()
+    grid.add_argument("--full", action="store_true", help="the whole grid (hours on one core) instead of the small default")
+    grid.add_argument("--paper-archs", action="store_true",
+                      help="AdamW/Lion/RLion defaults at lr 1e-3 on FasterNet-T0 and EfficientNetV2 (36 runs)")
     parser.add_argument("--out", type=Path, default=Path("benchmark_results"), help="folder for results*.jsonl, tables and plots")
     parser.add_argument("--resume", action="store_true", help="keep the folder's results and skip the runs they already hold")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {list(TASKS)}")
@@ -904,7 +1034,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise ValueError(f"--tasks: unknown task(s) {unknown}; valid: {', '.join(TASKS)}")
     if not args.report:
-        runs = [r for r in (full_grid() if args.full else small_grid()) if r["task"] in tasks]
+        grid = full_grid() if args.full else paper_archs_grid() if args.paper_archs else small_grid()
+        runs = [r for r in grid if r["task"] in tasks]
         try:
             index, count = (int(v) for v in args.shard.split("/"))
             assert 0 <= index < count
@@ -912,7 +1043,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--shard must be i/n with 0 <= i < n, got {args.shard!r}") from None
         run_grid(runs, args.out, resume=args.resume, epochs=args.epochs, shard=(index, count))
     records = [r for path in results_files(args.out) for r in read_results(path) if r["task"] in tasks]
-    tables = report(records, args.figures or args.out)
+    figures = args.figures or args.out
+    tables = paper_archs_report(records, figures) if args.paper_archs else report(records, figures)
     (args.out / "tables.md").write_text(tables)
     print(tables)
     print(f"{len(records)} runs; tables.md and plots in {args.out}")
