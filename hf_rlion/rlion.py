@@ -211,8 +211,9 @@ class RLion(RLionBase):
     Args:
         params: parameters or param groups (dicts), as for any ``torch.optim`` optimizer.
         lr (float): learning rate η. Default ``1e-3``, AdamW's usual rate: in the study
-            (``docs/results.md``) RLion with the default α learned on every task there and
-            matched or beat AdamW at that rate. Its step is about 0.6× Lion's, and Lion's
+            (``docs/results.md``) RLion with the default α learned on every task there without
+            warm-up, within −1 to +7 points of AdamW at that rate on the paper's architectures
+            (not consistently better, and below AdamW on a held-out task). Its step is about 0.6× Lion's, and Lion's
             advice for large pretrained models (3–10× below AdamW's rate) applies to fine-tuning.
         betas (tuple[float, float]): (β1, β2) = interpolation and momentum decay. Default
             ``(0.9, 0.99)``, Lion's (Chen et al. 2023), which the paper keeps.
