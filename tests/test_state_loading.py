@@ -138,6 +138,29 @@ def test_8bit_state_replaced_by_hand_with_wrong_sizes_raises_at_the_kernel_bound
         _step_all(params, opt)
 
 
+@pytest.mark.parametrize("fused", [None, False])
+def test_a_step_that_finds_8bit_state_replaced_by_hand_changes_nothing(fused):
+    """Before: the check ran where the bad tensor was stepped, after that step had counted (and,
+    on the reference path or through another group's kernel call, updated) the other tensors."""
+    generator = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(64, 80, generator=generator)) for _ in range(3)]
+    opt = RLion8bit([{"params": params[:1]}, {"params": params[1:]}], lr=1e-2, min_8bit_size=1024, fused=fused)
+    for seed in range(3):
+        _step_all(params, opt, seed=seed)
+    opt.state[params[2]] = {
+        "step": torch.tensor(3.0),
+        "state1": torch.zeros(10, dtype=torch.uint8),
+        "absmax1": torch.ones(1),
+        "qmap1": opt.state[params[1]]["qmap1"],
+    }
+    before, weights = _snapshot(opt), [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"8-bit state of a parameter of shape \(64, 80\) .* does not fit"):
+        _step_all(params, opt, seed=3)
+    _assert_unchanged(opt, before)
+    for p, w in zip(params, weights):
+        assert torch.equal(p, w)
+
+
 @pytest.mark.skipif(not r8.kernel_available(), reason="the 8-bit C kernel is not built here")
 def test_8bit_kernel_call_checks_sizes_for_direct_callers():
     param, grad = torch.randn(1000), torch.randn(1000)
