@@ -253,6 +253,28 @@ def test_trainer_resume_from_a_truncated_optimizer_file_names_the_file(tmp_path)
         trainer.train(resume_from_checkpoint=str(checkpoint))
 
 
+def test_trainer_resume_keeps_the_valueerror_of_a_rejected_optimizer_state(tmp_path):
+    """Before: the optimizer's ValueError (which names the parameter) came back as a RuntimeError."""
+    _tiny_trainer(tmp_path / "run", "rlion").train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    saved["state"][0]["exp_avg"][0] = math.nan
+    torch.save(saved, checkpoint / "optimizer.pt")
+    trainer = _tiny_trainer(tmp_path / "resumed", "rlion", max_steps=4)
+    with pytest.raises(ValueError, match=rf"checkpoint {checkpoint}: RLion.load_state_dict: parameter 0 .*NaN or inf"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_trainer_resume_raises_other_failures_of_a_readable_file_as_they_are(tmp_path):
+    """Before: every failure became a RuntimeError, here a KeyError of a state dict without its groups."""
+    _tiny_trainer(tmp_path / "run", "rlion").train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    torch.save({"state": {}}, checkpoint / "optimizer.pt")
+    trainer = _tiny_trainer(tmp_path / "resumed", "rlion", max_steps=4)
+    with pytest.raises(KeyError, match="param_groups"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
 # --------------------------------------------------------------------------------------------
 # issue 16.6: resuming with the other optimizer (rlion <-> rlion_8bit)
 # --------------------------------------------------------------------------------------------
