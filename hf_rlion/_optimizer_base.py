@@ -423,7 +423,30 @@ class RLionBase(torch.optim.Optimizer):
         torch casts every floating-point state tensor except ``step`` to its parameter's dtype;
         that would round float32 momentum of a bf16 parameter to bf16 and turn 8-bit codes or
         float32 absmax into the parameter's dtype. Here each keeps its saved dtype.
+
+        The registered hooks run as in torch, around all of this: the pre hooks
+        (``hook(optimizer, state_dict)``, which may return a new state dict) before the checks,
+        so a hook can adapt a state dict in an older layout; the post hooks (``hook(optimizer)``)
+        once the state is loaded with its saved dtypes.
         """
+        state_dict = state_dict.copy()  # shallow, as torch does
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            hook_result = pre_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = hook_result
+        pre_hooks, post_hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        # torch's load_state_dict (called inside) would run the hooks at the wrong moments
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
+        try:
+            self._load_checked_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            self._optimizer_load_state_dict_post_hooks = post_hooks
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_checked_state_dict(self, state_dict: dict) -> None:
+        """``load_state_dict`` without running the hooks: check, convert, load, restore saved dtypes."""
         name = f"{type(self).__name__}.load_state_dict"
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):

@@ -22,8 +22,9 @@ Trust model. The library is loaded with ``dlopen``, which runs its constructors,
 loaded before it has been checked:
 
 - the cache directory, the record and the library must be owned by the current user and not
-  writable by group or others (a new directory is created with mode 0o700); the library must be a
-  regular file (not a symbolic link);
+  writable by group or others (a new directory is created with mode 0o700; an existing one of
+  this user's that group or others can write to is made 0o700, with a warning); the library must
+  be a regular file (not a symbolic link);
 - the record's key must be this build's key, and the library's bytes must hash to the record's
   SHA-256. The library is opened once, checked and hashed through that descriptor, and loaded from
   the same descriptor (``/proc/self/fd/N`` on Linux), so it cannot be swapped between the check and
@@ -38,7 +39,7 @@ pure-torch path (one warning naming the reason).
 
 What this protects against: another user who can write to the cache directory (a shared or
 group-writable cache) cannot get code loaded into this process (their files are refused, and a
-directory writable by others is not used at all); a planted, truncated or corrupted library at the
+cache directory owned by another user is not used at all); a planted, truncated or corrupted library at the
 expected name is refused by its hash; a library built for another CPU (a VM that masks AVX-512
 under the same model name) has another key. What it cannot protect against: anyone who can write
 files as this user (or root) can write a matching library and record, and could as well edit this
@@ -184,12 +185,25 @@ def _check_owner_and_mode(st: os.stat_result, path: Path) -> None:
 
 
 def _secure_cache_dir() -> Path:
-    """The cache directory (created with mode 0o700), after checking its owner and mode."""
+    """The cache directory (created with mode 0o700), after checking its owner and mode.
+
+    A directory of this user's that group or others can write to (one created under umask 002 by
+    an older version of this package) is made private (mode 0o700) with a warning, and used: the
+    files in it are checked one by one anyway (owner, mode, recorded hash), and no other user can
+    create a file owned by this one. A directory owned by someone else is refused.
+    """
     directory = cache_dir()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = os.stat(directory)
     if not stat.S_ISDIR(st.st_mode):
         raise UntrustedFile(f"{directory} is not a directory")
+    if st.st_uid == os.geteuid() and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        os.chmod(directory, 0o700)
+        warnings.warn(
+            f"hf_rlion: the kernel cache {directory} was writable by group or others (mode "
+            f"{stat.S_IMODE(st.st_mode):#o}); made it private (mode 0o700)"
+        )
+        st = os.stat(directory)
     try:
         _check_owner_and_mode(st, directory)
     except UntrustedFile as err:

@@ -699,6 +699,26 @@ class RLion8bit(RLionBase):
             raise RuntimeError(f"{type(self).__name__}(fused=True): the fused 8-bit CPU kernel cannot run: {reason}")
         return library
 
+    def _checked_plans(self) -> list[tuple[Optional["_KernelPlan"], Optional[tuple]]]:
+        """Each group's kernel plan and what :meth:`_KernelPlan.gradients` says of it (``None``:
+        the plan no longer holds), after checking, before this step changes anything, the 8-bit
+        state of every tensor the full path will step (:func:`check_8bit_state`, O(1) per tensor):
+        state changed by hand raises here and leaves parameters, state and step counts as they were.
+        A plan's own tensors were checked when it was built."""
+        plans = []
+        for group_index, group in enumerate(self.param_groups):
+            plan = self._kernel_plans.pop(group_index, None)
+            planned = plan.gradients(group, self.state) if plan is not None else None
+            plans.append((plan, planned))
+            params = group["params"]
+            for p in params if planned is None else (params[i] for i in planned[1]):
+                if self._sharded and sharded8bit.is_sharded(p):  # per-shard state: sharded8bit checks it
+                    continue
+                state = self.state.get(p) if p.grad is not None else None
+                if state and "state1" in state:
+                    check_8bit_state(p, state["state1"], state["absmax1"], state["qmap1"])
+        return plans
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):
         """Performs a single optimization step.
@@ -714,7 +734,8 @@ class RLion8bit(RLionBase):
             sharded8bit.step(self)
         any_paged = False
         device_path = False
-        for group_index, group in enumerate(self.param_groups):
+        plans = self._checked_plans()
+        for group_index, (group, (plan, planned)) in enumerate(zip(self.param_groups, plans)):
             triton_params = self._triton_candidates(group)
             if triton_params is not None:
                 device_path = True
@@ -722,8 +743,6 @@ class RLion8bit(RLionBase):
                 continue
             # the group's hyperparameters, built once: most tensors have no override
             group_hyperparameters = self._hyperparameters(group, {})
-            plan = self._kernel_plans.pop(group_index, None)
-            planned = plan.gradients(group, self.state) if plan is not None else None
             if planned is not None:  # the plan holds: its tensors in one kernel call, the rest below
                 grad_pointers, other_positions = planned
                 steps = fused_cpu.increment_step_pointers(plan.step_pointers)

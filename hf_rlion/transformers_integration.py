@@ -12,9 +12,9 @@ against the oldest and newest supported transformers:
    4.x calls to turn ``args.optim`` into a class) answers for these names and defers to the
    original for all others;
 3. ``Trainer._load_optimizer_and_scheduler`` (the resume step that ``torch.load``\ s
-   ``optimizer.pt`` and ``scheduler.pt``) re-raises a failure as a ``RuntimeError`` that names the
-   checkpoint and the file that cannot be read (torch's own message for a truncated file names
-   neither).
+   ``optimizer.pt`` and ``scheduler.pt``): a file that cannot be read raises a ``RuntimeError``
+   that names the checkpoint and the file (torch's own message for a truncated file names
+   neither); a ``ValueError`` (a state the optimizer rejects) names the checkpoint too.
 4. ``Trainer._load_from_checkpoint`` / ``_load_best_model`` load the model weights with
    :func:`hf_rlion.checkpoints.load_model_weights`: the checkpoint's keys converted back to the
    model's own (transformers>=5 saves ViT and other models with renamed keys, which Trainer
@@ -108,8 +108,8 @@ def patch_trainer(trainer_cls: type) -> None:
 _RESUME_FILES = ("optimizer.pt", "scheduler.pt")
 
 
-def _resume_failure(checkpoint: str, err: Exception) -> str:
-    """The message for a failed ``_load_optimizer_and_scheduler``: which file cannot be read, if one."""
+def _unreadable_resume_file(checkpoint: str) -> str | None:
+    """The first of ``_RESUME_FILES`` in ``checkpoint`` that ``torch.load`` cannot read, or ``None``."""
     import torch
 
     for name in _RESUME_FILES:
@@ -119,14 +119,15 @@ def _resume_failure(checkpoint: str, err: Exception) -> str:
         try:  # mmap: reads the archive's index, not the tensors
             torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception:
-            return (
-                f"resuming from checkpoint {checkpoint}: {path} cannot be read (truncated or corrupted?); "
-                f"{type(err).__name__}: {err}"
-            )
-    return f"resuming the optimizer and scheduler state from checkpoint {checkpoint}: {type(err).__name__}: {err}"
+            return path
+    return None
 
 
 def _patch_optimizer_loading(trainer_cls: type) -> None:
+    """On a failed ``_load_optimizer_and_scheduler``: a file that cannot be read becomes a
+    ``RuntimeError`` naming it; a ``ValueError`` (the optimizer's ``load_state_dict`` rejecting
+    the state) stays a ``ValueError``, with the checkpoint added to its message; anything else
+    is raised as it was."""
     original = trainer_cls.__dict__.get("_load_optimizer_and_scheduler")
     if original is None or hasattr(original, _PATCH_MARK):
         return
@@ -138,7 +139,16 @@ def _patch_optimizer_loading(trainer_cls: type) -> None:
         except Exception as err:
             if not isinstance(checkpoint, (str, os.PathLike)):
                 raise
-            raise RuntimeError(_resume_failure(os.fspath(checkpoint), err)) from err
+            checkpoint = os.fspath(checkpoint)
+            path = _unreadable_resume_file(checkpoint)
+            if path is not None:
+                raise RuntimeError(
+                    f"resuming from checkpoint {checkpoint}: {path} cannot be read (truncated or corrupted?); "
+                    f"{type(err).__name__}: {err}"
+                ) from err
+            if type(err) is ValueError:
+                raise ValueError(f"resuming from checkpoint {checkpoint}: {err}") from err
+            raise
 
     setattr(_load_optimizer_and_scheduler, _PATCH_MARK, original)
     trainer_cls._load_optimizer_and_scheduler = _load_optimizer_and_scheduler

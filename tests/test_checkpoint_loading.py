@@ -169,10 +169,12 @@ def test_load_model_weights_converts_fused_experts_and_skips_tied_weights(tmp_pa
     assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
 
 
+@pytest.mark.skipif(not TRANSFORMERS_5, reason="hf_rlion.models (the detection recipe's model) needs transformers>=5")
 def test_accelerate_save_state_keeps_the_model_keys_and_load_state_is_strict(tmp_path):
     """The detection recipe's path (Accelerator.save_state/load_state of ViTBoxRegressionModel) has no renaming."""
-    models = pytest.importorskip("hf_rlion.models")
     from accelerate import Accelerator
+
+    from hf_rlion import models
 
     def box_model(seed):
         torch.manual_seed(seed)

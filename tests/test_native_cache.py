@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -136,22 +137,40 @@ def test_cache_entry_others_could_have_written_is_refused_even_when_its_hash_mat
     assert _kernel_atan_matches_torch()
 
 
-@pytest.mark.parametrize("mode", [0o770, 0o707, 0o777], ids=oct)
-def test_cache_directory_writable_by_group_or_others_is_not_used(cache, mode):
+@pytest.mark.parametrize("mode", [0o770, 0o707, 0o777, 0o775], ids=oct)
+def test_own_cache_directory_writable_by_group_or_others_is_made_private_and_used(cache, mode):
+    """Before: refused (torch path) — a cache an older version created under umask 002 (0o775)
+    would have cost every later run its kernels."""
     cache.chmod(mode)
-    with pytest.warns(UserWarning, match="writable by group or others") as warned:
-        assert not fused_cpu.kernel_available()
-        assert not fused_cpu.kernel_available()
+    with pytest.warns(UserWarning, match=r"was writable by group or others .*made it private") as warned:
+        assert fused_cpu.kernel_available()
+        assert rlion8bit.kernel_available()
     assert len(warned) == 1
-    with pytest.warns(UserWarning, match="writable by group or others"):
-        assert not rlion8bit.kernel_available()
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    assert _kernel_atan_matches_torch()
+
+
+def test_a_file_others_could_write_in_a_cache_made_private_is_still_refused(cache):
+    """Making the directory private does not vouch for what is in it: each file is checked."""
+    cache.chmod(0o775)
+    (library,) = cache.glob("_rlion_kernel-*.so")
+    library.chmod(0o775)
+    with pytest.warns(UserWarning) as warned:
+        assert fused_cpu.kernel_available()
+    messages = [str(w.message) for w in warned]
+    assert any("made it private" in m for m in messages)
+    assert any(f"refused the cached library: {library} is writable by group or others" in m for m in messages)
 
 
 @ROOT_ONLY
-def test_cache_directory_owned_by_another_user_is_not_used(cache):
+@pytest.mark.parametrize("mode", [0o700, 0o775], ids=oct)
+def test_cache_directory_owned_by_another_user_is_not_used(cache, mode):
+    cache.chmod(mode)
     os.chown(cache, 65534, -1)
-    with pytest.warns(UserWarning, match="owned by uid 65534"):
+    with pytest.warns(UserWarning, match="owned by uid 65534") as warned:
         assert not fused_cpu.kernel_available()
+    assert stat.S_IMODE(cache.stat().st_mode) == mode
+    assert not any("made it private" in str(w.message) for w in warned)
 
 
 CPUINFO_X86 = (

@@ -41,8 +41,8 @@ deepcopy_copies_all_public_attrs                    test_deepcopy_and_pickle_con
 step_pre/post_hook, global step hooks               test_step_hooks
 state_dict_pre/post_hook                            test_state_dict_hooks
 load_state_dict_pre_hook_and_prepend, post_hook     test_load_state_dict_pre_hooks_run_in_order_and_their_result_is_loaded,
-                                                    test_load_state_dict_post_hooks_see_the_state_as_loaded (xfail),
-                                                    test_load_state_dict_pre_hook_can_adapt_an_older_layout (xfail)
+                                                    test_load_state_dict_post_hooks_see_the_state_as_loaded,
+                                                    test_load_state_dict_pre_hook_can_adapt_an_older_layout
 add_param_group validation                          test_add_param_group_rejects_a_bad_group_and_keeps_none
 closure                                             test_closure_is_called_once_and_its_loss_returned
 zero_grad                                           test_zero_grad
@@ -60,8 +60,6 @@ set_default_dtype_works_with_foreach                test_default_dtype_float64_k
 ==================================================  ======================================================
 
 The not-applicable cases are test functions too: each skips with its reason from ``NOT_APPLICABLE``.
-The two xfail tests wait for a defect of ``RLionBase.load_state_dict`` (``_HOOK_DTYPES_DEFECT``);
-``strict=True`` makes them fail once it is fixed, so that the marker is removed.
 """
 
 from __future__ import annotations
@@ -1032,14 +1030,6 @@ def test_load_state_dict_pre_hooks_run_in_order_and_their_result_is_loaded(impl)
     assert order == ["first", "set_lr"]
 
 
-_HOOK_DTYPES_DEFECT = (
-    "RLionBase.load_state_dict restores the saved dtypes (float32 momentum of bf16 parameters, uint8 codes) "
-    "after torch's load_state_dict has run the load_state_dict post hooks, and from the state dict it was "
-    "given rather than the one the pre hooks returned"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=_HOOK_DTYPES_DEFECT)
 @pytest.mark.parametrize("impl", ALL)
 def test_load_state_dict_post_hooks_see_the_state_as_loaded(impl):
     """A post hook sees the state the optimizer will step with: saved dtypes kept."""
@@ -1051,7 +1041,6 @@ def test_load_state_dict_post_hooks_see_the_state_as_loaded(impl):
     assert seen == [state_dtypes(target)] == [state_dtypes(optimizer)]
 
 
-@pytest.mark.xfail(strict=True, reason=_HOOK_DTYPES_DEFECT)
 @pytest.mark.parametrize("impl", ALL)
 def test_load_state_dict_pre_hook_can_adapt_an_older_layout(impl):
     """torch's documented use of a pre hook: adapt a state dict written by older code. Here the
@@ -1094,6 +1083,24 @@ def test_load_state_dict_pre_hook_can_adapt_an_older_layout(impl):
         opt.step()
     for p, q in zip(params_current, params_older):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("impl", ALL)
+def test_load_state_dict_hooks_stay_registered_after_a_rejected_state_dict(impl):
+    """load_state_dict sets torch's hook dicts aside while torch's own loading runs; a state dict
+    rejected there must not leave the optimizer without its hooks."""
+    optimizer, weight, bias = _primed_mixed_dtypes(impl)
+    calls = []
+    target = impl(fresh_copy([weight, bias]), lr=0.01)
+    target.register_load_state_dict_pre_hook(lambda opt, sd: calls.append("pre"))
+    target.register_load_state_dict_post_hook(lambda opt: calls.append("post"))
+    bad = copy.deepcopy(optimizer.state_dict())
+    bad["state"][0]["step"] = torch.tensor(-1.0)
+    with pytest.raises(ValueError, match="'step' must be a finite number >= 0"):
+        target.load_state_dict(bad)
+    assert calls == ["pre"]
+    target.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    assert calls == ["pre", "pre", "post"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -138,6 +138,29 @@ def test_8bit_state_replaced_by_hand_with_wrong_sizes_raises_at_the_kernel_bound
         _step_all(params, opt)
 
 
+@pytest.mark.parametrize("fused", [None, False])
+def test_a_step_that_finds_8bit_state_replaced_by_hand_changes_nothing(fused):
+    """Before: the check ran where the bad tensor was stepped, after that step had counted (and,
+    on the reference path or through another group's kernel call, updated) the other tensors."""
+    generator = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(64, 80, generator=generator)) for _ in range(3)]
+    opt = RLion8bit([{"params": params[:1]}, {"params": params[1:]}], lr=1e-2, min_8bit_size=1024, fused=fused)
+    for seed in range(3):
+        _step_all(params, opt, seed=seed)
+    opt.state[params[2]] = {
+        "step": torch.tensor(3.0),
+        "state1": torch.zeros(10, dtype=torch.uint8),
+        "absmax1": torch.ones(1),
+        "qmap1": opt.state[params[1]]["qmap1"],
+    }
+    before, weights = _snapshot(opt), [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"8-bit state of a parameter of shape \(64, 80\) .* does not fit"):
+        _step_all(params, opt, seed=3)
+    _assert_unchanged(opt, before)
+    for p, w in zip(params, weights):
+        assert torch.equal(p, w)
+
+
 @pytest.mark.skipif(not r8.kernel_available(), reason="the 8-bit C kernel is not built here")
 def test_8bit_kernel_call_checks_sizes_for_direct_callers():
     param, grad = torch.randn(1000), torch.randn(1000)
@@ -230,6 +253,28 @@ def test_trainer_resume_from_a_truncated_optimizer_file_names_the_file(tmp_path)
         trainer.train(resume_from_checkpoint=str(checkpoint))
 
 
+def test_trainer_resume_keeps_the_valueerror_of_a_rejected_optimizer_state(tmp_path):
+    """Before: the optimizer's ValueError (which names the parameter) came back as a RuntimeError."""
+    _tiny_trainer(tmp_path / "run", "rlion").train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    saved["state"][0]["exp_avg"][0] = math.nan
+    torch.save(saved, checkpoint / "optimizer.pt")
+    trainer = _tiny_trainer(tmp_path / "resumed", "rlion", max_steps=4)
+    with pytest.raises(ValueError, match=rf"checkpoint {checkpoint}: RLion.load_state_dict: parameter 0 .*NaN or inf"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_trainer_resume_raises_other_failures_of_a_readable_file_as_they_are(tmp_path):
+    """Before: every failure became a RuntimeError, here a KeyError of a state dict without its groups."""
+    _tiny_trainer(tmp_path / "run", "rlion").train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    torch.save({"state": {}}, checkpoint / "optimizer.pt")
+    trainer = _tiny_trainer(tmp_path / "resumed", "rlion", max_steps=4)
+    with pytest.raises(KeyError, match="param_groups"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
 # --------------------------------------------------------------------------------------------
 # issue 16.6: resuming with the other optimizer (rlion <-> rlion_8bit)
 # --------------------------------------------------------------------------------------------
@@ -296,6 +341,9 @@ def test_rlion8bit_state_follows_the_32bit_override_of_the_loading_optimizer():
 
 def test_trainer_checkpoint_of_optim_rlion_resumes_with_optim_rlion_8bit(tmp_path):
     _tiny_trainer(tmp_path / "run", "rlion").train()
+    # Trainer 4.x reads rng_state.pth with torch.load's default weights_only, which torch>=2.6
+    # refuses (numpy arrays); without the file it resumes with fresh RNG state, all versions.
+    (tmp_path / "run" / "checkpoint-2" / "rng_state.pth").unlink()
     resumed = _tiny_trainer(tmp_path / "resumed", "rlion_8bit", max_steps=4, optim_args="min_8bit_size=1024")
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
     opt = getattr(resumed.optimizer, "optimizer", resumed.optimizer)
