@@ -18,6 +18,7 @@ from hf_rlion.registry import parse_optim_args
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 from hf_rlion import rlion8bit as r8  # noqa: E402
+from hf_rlion.kernels import cpu_rlion8bit  # noqa: E402
 from hf_rlion.rlion8bit import RLion8bit  # noqa: E402
 
 
@@ -138,7 +139,7 @@ def test_8bit_state_replaced_by_hand_with_wrong_sizes_raises_at_the_kernel_bound
         _step_all(params, opt)
 
 
-@pytest.mark.skipif(not r8.kernel_available(), reason="the 8-bit C kernel is not built here")
+@pytest.mark.skipif(not cpu_rlion8bit.kernel_available(), reason="the 8-bit C kernel is not built here")
 def test_8bit_kernel_call_checks_sizes_for_direct_callers():
     param, grad = torch.randn(1000), torch.randn(1000)
     codes, absmax = torch.zeros(1000, dtype=torch.uint8), torch.ones(3)  # 4 blocks needed
@@ -148,7 +149,9 @@ def test_8bit_kernel_call_checks_sizes_for_direct_callers():
         bias_correction=False, maximize=False,
     )  # fmt: skip
     with pytest.raises(ValueError, match="absmax1 torch.float32 \\(3,\\)"):
-        r8.fused_update_many_(r8._load_kernel(), [param], [grad], [codes], [absmax], [qmap], [1], **hyperparameters)
+        cpu_rlion8bit.fused_update_many_(
+            cpu_rlion8bit._load_kernel(), [param], [grad], [codes], [absmax], [qmap], [1], **hyperparameters
+        )
 
 
 def test_rlion_fused_path_sends_a_misshapen_momentum_to_torch_which_raises():
