@@ -15,8 +15,8 @@ The update rule is :class:`hf_rlion.RLion`'s, unchanged; only the storage of the
 
 Three implementations, chosen automatically (``fused=`` forces one):
 
-- the reference: bitsandbytes' public ``dequantize_blockwise`` → ``rlion_update_`` →
-  ``quantize_blockwise`` (any device; temporaries the size of one tensor);
+- the reference (:mod:`hf_rlion.reference8bit`): bitsandbytes' public ``dequantize_blockwise`` →
+  ``rlion_update_`` → ``quantize_blockwise`` (any device; temporaries the size of one tensor);
 - on CPU, for float32 and bfloat16 parameters, a fused C kernel (``hf_rlion/kernels/rlion8bit_cpu.c``,
   :mod:`hf_rlion.kernels.cpu_rlion8bit`, built by :func:`hf_rlion.kernels.native.load`) that
   streams each tensor once per pass with no temporaries beyond one 256-element block per thread. Its codes and ``absmax`` equal the reference's
@@ -64,13 +64,13 @@ from .kernels.cpu_rlion8bit import (
     _KernelTensors,
     _load_kernel,
     _run_kernel,
-    check_8bit_state,
     fused_update_many_,
     kernel_available,
     unsupported_reason,
 )
 from .kernels.native import pointer_array
-from .rlion import RLion, rlion_update_
+from .reference8bit import quantize_blockwise, rlion8bit_reference_update_
+from .rlion import RLion
 
 __all__ = ["RLion8bit", "PagedRLion8bit", "keep_embeddings_in_32bit", "rlion8bit_reference_update_", "BLOCKSIZE"]
 
@@ -91,49 +91,8 @@ _RLION_DEFAULTS = {
 
 
 # --------------------------------------------------------------------------------------------
-# The reference implementation (bitsandbytes' public API + RLion's reference step)
+# The fused CPU kernel's call, kept from step to step
 # --------------------------------------------------------------------------------------------
-
-
-def rlion8bit_reference_update_(
-    param: Tensor, grad: Tensor, codes: Tensor, absmax: Tensor, qmap: Tensor, step: int, **hyperparameters: Any
-) -> None:
-    """One RLion step on 8-bit state, in place: dequantise, :func:`rlion_update_`, requantise.
-
-    Uses ``bitsandbytes.functional.dequantize_blockwise`` and, through :func:`quantize_blockwise`,
-    its ``quantize_blockwise``, with ``blocksize=256``; every fast path is tested against this.
-    ``hyperparameters`` are :func:`rlion_update_`'s keywords.
-    """
-    check_8bit_state(param, codes, absmax, qmap)
-    exp_avg = bnb_functional.dequantize_blockwise(codes, absmax=absmax, code=qmap, blocksize=BLOCKSIZE)
-    rlion_update_(param, grad, exp_avg, step, **hyperparameters)
-    new_codes, new_absmax = quantize_blockwise(exp_avg, qmap)
-    codes.copy_(new_codes)
-    absmax.copy_(new_absmax)
-
-
-#: Blocks whose absmax is below the smallest normal float32 are scaled by this before quantising.
-_SUBNORMAL_BLOCK_SCALE = 2.0**64
-
-
-def quantize_blockwise(values: Tensor, qmap: Tensor) -> tuple[Tensor, Tensor]:
-    """bitsandbytes' ``quantize_blockwise`` (blocks of 256): ``(codes, absmax)``, safe for tiny blocks.
-
-    bitsandbytes scales a block by ``1 / absmax``, which overflows to inf when absmax is below
-    2^-128 (momentum that has decayed for thousands of zero-gradient steps); a zero then becomes
-    ``0 · inf = NaN`` and is stored as code 0, that is ``-0.993 · absmax``. Here a block with
-    absmax below the smallest normal float32 is scaled by 2^64 first (exact: a power of two) and
-    its absmax scaled back (exact again). For every other block, and for these wherever
-    bitsandbytes' ``1 / absmax`` is finite, the codes are bitsandbytes' own (tested); the fused
-    kernel does the same. ``values`` are float32 (the dequantised momentum).
-    """
-    flat = values.reshape(-1)
-    padded = torch.nn.functional.pad(flat, (0, -flat.numel() % BLOCKSIZE)).view(-1, BLOCKSIZE)
-    tiny = padded.abs().amax(dim=1) < torch.finfo(torch.float32).smallest_normal
-    factor = torch.where(tiny, _SUBNORMAL_BLOCK_SCALE, 1.0).to(flat.dtype)
-    scaled = (padded * factor[:, None]).view(-1)[: flat.numel()].view_as(values)
-    codes, quant_state = bnb_functional.quantize_blockwise(scaled, code=qmap, blocksize=BLOCKSIZE)
-    return codes, quant_state.absmax / factor.to(quant_state.absmax.dtype)
 
 
 class _KernelPlan:
