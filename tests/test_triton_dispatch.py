@@ -297,8 +297,6 @@ def test_state_saved_on_one_path_continues_on_the_other(interpreter, kind, direc
     """Two steps on one path, state_dict and parameters to the other process, three more steps there:
     the same result as five reference steps (the state layout is one: step counts, float32 momentum,
     8-bit codes and absmax)."""
-    from hf_rlion import rlion8bit
-
     if not (cpu_rlion.kernel_available() and cpu_rlion8bit.kernel_available()):
         pytest.skip("no C compiler here")
     dtype, scaling = torch.float32, "rms"

@@ -240,12 +240,12 @@ def _quantize_body() -> None:
     import numpy as np
     import torch
 
-    from hf_rlion import rlion8bit
+    from hf_rlion import reference8bit, rlion8bit
     from hf_rlion.kernels import triton_rlion8bit
     from hf_rlion.kernels.triton_rlion8bit import quantize_blockwise
 
     assert triton_rlion8bit.BLOCKSIZE == rlion8bit.BLOCKSIZE
-    assert triton_rlion8bit.SUBNORMAL_BLOCK_SCALE == rlion8bit._SUBNORMAL_BLOCK_SCALE
+    assert triton_rlion8bit.SUBNORMAL_BLOCK_SCALE == reference8bit._SUBNORMAL_BLOCK_SCALE
     torch.manual_seed(3)
     qmap = bnb_functional.create_dynamic_map(signed=True)
     q = qmap.double()

@@ -6,7 +6,7 @@ not). The state layout is bitsandbytes' (``state1`` uint8 codes into the 256-ent
 ``absmax1`` float32 per block of :data:`BLOCKSIZE`); :func:`check_8bit_state` checks it before any
 pointer reaches C. The kernel, built by :mod:`hf_rlion.kernels.native`, dequantises, steps and
 requantises each tensor in one pass (formulas: ``rlion8bit_cpu.c`` and
-:func:`hf_rlion.rlion8bit.rlion8bit_reference_update_`, which the tests compare it against);
+:func:`hf_rlion.reference8bit.rlion8bit_reference_update_`, which the tests compare it against);
 codes are found with bitsandbytes' CPU lookup table (:func:`quantize_lut`).
 """
 
@@ -219,7 +219,7 @@ def fused_update_many_(
     steps: list[int],
     **hyperparameters: Any,
 ) -> list[int]:
-    """The step of :func:`hf_rlion.rlion8bit.rlion8bit_reference_update_` on many CPU tensors, by the C kernel.
+    """The step of :func:`hf_rlion.reference8bit.rlion8bit_reference_update_` on many CPU tensors, by the C kernel.
 
     All parameters share one dtype (float32 or bfloat16) and their gradients have it too.
     ``hyperparameters``: ``lr``, ``beta1``, ``beta2``, ``weight_decay``, ``alpha``,

@@ -202,7 +202,7 @@ static inline float block_absmax(const float *m, int64_t len) {
  * and leaves its table indices (table_index) in *pend (lookup_codes turns them into codes at q). The
  * same codes as bitsandbytes' (tested, also at the extremes of float32).
  * A block with absmax below FLT_MIN is first scaled by 2^64 in place (exact), as
- * rlion8bit.quantize_blockwise does: 1 / absmax overflows to inf below 2^-128, and a zero would give
+ * reference8bit.quantize_blockwise does: 1 / absmax overflows to inf below 2^-128, and a zero would give
  * 0 * inf = NaN, an index outside the table. Above 2^-128 the scaling changes no code. */
 static inline float quantize_index(float *m, int64_t len, pending_codes *pend, uint8_t *q) {
     const float block_max = block_absmax(m, len);
