@@ -3,7 +3,7 @@
     python benchmarks/atan_exhaustive.py                 # all 2^32 inputs vs correctly rounded (C loop)
     python benchmarks/atan_exhaustive.py --torch 4099    # + every 4099th pattern vs torch.atan
 
-The sweep runs inside the compiled kernel (``rlion_atan_check`` in hf_rlion/_rlion_kernel.c):
+The sweep runs inside the compiled kernel (``rlion_atan_check`` in hf_rlion/kernels/rlion_cpu.c):
 for each input it compares the kernel's float32 arctan with libm's float64 ``atan`` rounded to
 float32 (the correctly rounded value: float64's error is far below half a float32 ulp), and
 counts inputs 0, 1, 2 and more ulps away (the number of float32 values between the results).

@@ -1,7 +1,7 @@
 """Loading optimizer state: checks before anything changes, RLion <-> RLion8bit conversion, torch's conventions.
 
 Each test names the defect it guards against and failed on the code before these checks,
-except the one whose docstring says it guards an existing check (fused_cpu's shape test).
+except the one whose docstring says it guards an existing check (cpu_rlion's shape test).
 """
 
 import copy
@@ -155,7 +155,7 @@ def test_8bit_kernel_call_checks_sizes_for_direct_callers():
 
 
 def test_rlion_fused_path_sends_a_misshapen_momentum_to_torch_which_raises():
-    """Guards fused_cpu's eligibility check: the C kernel never gets a momentum of another shape."""
+    """Guards cpu_rlion's eligibility check: the C kernel never gets a momentum of another shape."""
     params, opt = _trained(RLion, [(6, 4)])
     opt.state[params[0]]["exp_avg"] = torch.zeros(24)
     with pytest.raises(RuntimeError):
