@@ -168,8 +168,9 @@ def _fused_cpu_rlion(
     check_finite: bool = False,
     **hyperparameters: Any,
 ) -> list[int]:
-    """The fused CPU path: :func:`hf_rlion.kernels.cpu_rlion.fused_rlion` for the tensors the kernel
-    takes, :func:`_single_tensor_rlion` for the others (non-contiguous, another dtype) in the same call.
+    """The fused CPU path: the C kernel (:func:`hf_rlion.kernels.cpu_rlion.fused_rlion_eligible`) for
+    the tensors it takes, :func:`_single_tensor_rlion` for the others (non-contiguous, another dtype),
+    in the same call.
 
     With ``check_finite=True`` a tensor whose gradient holds NaN/inf is left untouched, on either
     path, and its index is returned (see ``fused_rlion``).
@@ -177,7 +178,9 @@ def _fused_cpu_rlion(
     cpu_rlion = _fused_cpu()
     eligible = [cpu_rlion.kernel_eligible(p, g, m) for p, g, m in zip(params, grads, exp_avgs)]
     if all(eligible):
-        return cpu_rlion.fused_rlion(params, grads, exp_avgs, steps, check_finite=check_finite, **hyperparameters)
+        return cpu_rlion.fused_rlion_eligible(
+            params, grads, exp_avgs, steps, check_finite=check_finite, **hyperparameters
+        )
     kernel = [i for i, ok in enumerate(eligible) if ok]
     fallback = [i for i, ok in enumerate(eligible) if not ok]
     skipped: list[int] = []
@@ -194,7 +197,7 @@ def _fused_cpu_rlion(
             **hyperparameters,
         )
     if kernel:
-        skipped_in_kernel = cpu_rlion.fused_rlion(
+        skipped_in_kernel = cpu_rlion.fused_rlion_eligible(
             [params[i] for i in kernel], [grads[i] for i in kernel], [exp_avgs[i] for i in kernel],
             [steps[i] for i in kernel], check_finite=check_finite, **hyperparameters,
         )  # fmt: skip
