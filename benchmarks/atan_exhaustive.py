@@ -3,7 +3,7 @@
     python benchmarks/atan_exhaustive.py                 # all 2^32 inputs vs correctly rounded (C loop)
     python benchmarks/atan_exhaustive.py --torch 4099    # + every 4099th pattern vs torch.atan
 
-The sweep runs inside the compiled kernel (``rlion_atan_check`` in hf_rlion/_rlion_kernel.c):
+The sweep runs inside the compiled kernel (``rlion_atan_check`` in hf_rlion/kernels/rlion_cpu.c):
 for each input it compares the kernel's float32 arctan with libm's float64 ``atan`` rounded to
 float32 (the correctly rounded value: float64's error is far below half a float32 ulp), and
 counts inputs 0, 1, 2 and more ulps away (the number of float32 values between the results).
@@ -21,7 +21,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from hf_rlion import fused_cpu
+from hf_rlion.kernels import cpu_rlion
 
 
 def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -33,7 +33,7 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def sweep_correctly_rounded(block: int) -> tuple[list[int], int, float, int]:
-    lib = fused_cpu._load()
+    lib = cpu_rlion._load()
     if lib is None:
         raise SystemExit("the C kernel is unavailable (no compiler?)")
     check = lib.rlion_atan_check
@@ -60,7 +60,7 @@ def sample_against_torch(stride: int) -> tuple[list[int], int]:
             continue
         x = torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(torch.float32)
         x = x[~torch.isnan(x)]
-        d = ulp_distance(fused_cpu.atan(x), torch.atan(x))
+        d = ulp_distance(cpu_rlion.atan(x), torch.atan(x))
         worst = max(worst, int(d.max()))
         histogram += torch.bincount(d.clamp_max(3), minlength=4)
     return histogram.tolist(), worst

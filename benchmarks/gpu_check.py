@@ -7,7 +7,7 @@
 Checks (each prints PASS/FAIL with its largest deviation; the exit status is 1 when any fails):
 
 1. arctan: ``hf_rlion.kernels.triton_atan`` on the GPU against the C kernel's arctan
-   (``hf_rlion.fused_cpu.atan``) on 2^22 random bit patterns plus specials: at most 1 ulp apart
+   (``hf_rlion.kernels.cpu_rlion.atan``) on 2^22 random bit patterns plus specials: at most 1 ulp apart
    (a GPU compiler may contract a multiply-add the C code keeps separate).
 2. RLion step (``triton_rlion.fused_rlion``): tensors of float32/bfloat16/float16 and awkward sizes
    against :func:`hf_rlion.rlion.rlion_update_` in float64 on the GPU, both scalings; a NaN gradient
@@ -55,7 +55,7 @@ def _report(name: str, ok: bool, detail: str) -> bool:
 
 
 def check_atan(torch) -> bool:
-    from hf_rlion import fused_cpu
+    from hf_rlion.kernels import cpu_rlion
     from hf_rlion.kernels import triton_atan
 
     g = torch.Generator().manual_seed(0)
@@ -63,7 +63,7 @@ def check_atan(torch) -> bool:
     specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1.0, -1.0, 1e-45, 1e-40, 3.4e38])
     x = torch.cat([specials, bits.view(torch.float32), torch.randn(1 << 20, generator=g)])
     ours = triton_atan.atan(x.cuda()).cpu()
-    reference = fused_cpu.atan(x)
+    reference = cpu_rlion.atan(x)
     nan = torch.isnan(x)
 
     def ordered(t):

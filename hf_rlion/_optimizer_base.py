@@ -11,6 +11,9 @@ from torch import Tensor
 
 low_precision_dtypes = (torch.bfloat16, torch.float16)
 
+#: The values of ``alpha_scaling`` (see :class:`hf_rlion.RLion`).
+ALPHA_SCALINGS = ("rms", "fixed")
+
 #: Elements per quantisation block of the 8-bit state (bitsandbytes' blockwise optimizers use 256).
 BLOCKSIZE = 256
 #: The per-parameter state layouts this package writes: RLion's, and RLion8bit's 8-bit one
@@ -44,8 +47,6 @@ def validate_hyperparameters(group: dict) -> None:
     alpha = group.get("alpha")
     if not _is_real_number(alpha) or not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
-    from .rlion import ALPHA_SCALINGS
-
     if group.get("alpha_scaling") not in ALPHA_SCALINGS:
         raise ValueError(f"alpha_scaling must be one of {list(ALPHA_SCALINGS)}, got {group.get('alpha_scaling')!r}")
     for flag in ("bias_correction", "maximize"):
@@ -258,10 +259,10 @@ class RLionBase(torch.optim.Optimizer):
         and with gradient clipping (a clipped NaN stays NaN and is skipped here).
         """
         grads = [p.grad for p in params]
-        if all(type(g) is Tensor for g in grads):  # plain tensors: one C pass each (fused_cpu), else torch
-            from .fused_cpu import finite_mask
+        if all(type(g) is Tensor for g in grads):  # plain tensors: one C pass each (cpu_rlion), else torch
+            from .kernels.cpu_rlion import finite_mask
 
-            mask = finite_mask(grads)
+            mask = finite_mask(grads, finite_gradient_mask)
         else:
             mask = finite_gradient_mask(grads)
         if all(mask):
@@ -274,15 +275,15 @@ class RLionBase(torch.optim.Optimizer):
         """``step += 1`` for each step-count tensor; returns the new counts.
 
         By one C call when ``by_kernel`` (a kernel path, where the CPU kernel is loaded anyway) and
-        the counts are float32 CPU scalars (:func:`hf_rlion.fused_cpu.increment_steps`); otherwise
+        the counts are float32 CPU scalars (:func:`hf_rlion.kernels.cpu_rlion.increment_steps`); otherwise
         by one ``_foreach_add_``.
         """
         if not step_tensors:
             return []
         if by_kernel:
-            from . import fused_cpu
+            from .kernels import cpu_rlion
 
-            counts = fused_cpu.increment_steps(step_tensors)
+            counts = cpu_rlion.increment_steps(step_tensors)
             if counts is not None:
                 return counts
         torch._foreach_add_(step_tensors, 1.0)  # one call, not one tensor op per parameter

@@ -12,11 +12,9 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-from ._optimizer_base import RLionBase, as_32bit_state, low_precision_dtypes
+from ._optimizer_base import ALPHA_SCALINGS, RLionBase, as_32bit_state, finite_gradient_mask, low_precision_dtypes
 
 __all__ = ["RLion", "rlion_update_", "ALPHA_SCALINGS"]
-
-ALPHA_SCALINGS = ("rms", "fixed")
 
 # The foreach path works on groups of tensors whose element count is bounded by
 # this (or by the largest single tensor), so the temporaries of one step never
@@ -156,13 +154,59 @@ def _foreach_rlion(
 
 
 def _fused_cpu():
-    from . import fused_cpu  # imported on first use
+    from .kernels import cpu_rlion  # imported on first use
 
-    return fused_cpu
+    return cpu_rlion
+
+
+def _fused_cpu_rlion(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    steps: list[int],
+    *,
+    check_finite: bool = False,
+    **hyperparameters: Any,
+) -> list[int]:
+    """The fused CPU path: the C kernel (:func:`hf_rlion.kernels.cpu_rlion.fused_rlion_eligible`) for
+    the tensors it takes, :func:`_single_tensor_rlion` for the others (non-contiguous, another dtype),
+    in the same call.
+
+    With ``check_finite=True`` a tensor whose gradient holds NaN/inf is left untouched, on either
+    path, and its index is returned (see ``fused_rlion``).
+    """
+    cpu_rlion = _fused_cpu()
+    eligible = [cpu_rlion.kernel_eligible(p, g, m) for p, g, m in zip(params, grads, exp_avgs)]
+    if all(eligible):
+        return cpu_rlion.fused_rlion_eligible(
+            params, grads, exp_avgs, steps, check_finite=check_finite, **hyperparameters
+        )
+    kernel = [i for i, ok in enumerate(eligible) if ok]
+    fallback = [i for i, ok in enumerate(eligible) if not ok]
+    skipped: list[int] = []
+    if check_finite:
+        finite = finite_gradient_mask([grads[i] for i in fallback])
+        skipped = [i for i, ok in zip(fallback, finite) if not ok]
+        fallback = [i for i, ok in zip(fallback, finite) if ok]
+    if fallback:
+        _single_tensor_rlion(
+            [params[i] for i in fallback],
+            [grads[i] for i in fallback],
+            [exp_avgs[i] for i in fallback],
+            [steps[i] for i in fallback],
+            **hyperparameters,
+        )
+    if kernel:
+        skipped_in_kernel = cpu_rlion.fused_rlion_eligible(
+            [params[i] for i in kernel], [grads[i] for i in kernel], [exp_avgs[i] for i in kernel],
+            [steps[i] for i in kernel], check_finite=check_finite, **hyperparameters,
+        )  # fmt: skip
+        skipped += [kernel[i] for i in skipped_in_kernel]
+    return sorted(skipped)
 
 
 def _fused_rlion():
-    return _fused_cpu().fused_rlion
+    return _fused_cpu_rlion
 
 
 _triton_kernel: Optional[Callable] = None  # set by _triton_rlion, on first use of the device path
@@ -228,7 +272,7 @@ class RLion(RLionBase):
         foreach (bool, optional): use torch's ``_foreach`` kernels (the default on GPUs where
             the Triton kernel cannot run).
         fused (bool, optional): use this device's fused kernel: the C kernel on CPU
-            (:mod:`hf_rlion.fused_cpu`), the Triton kernel on GPUs
+            (:mod:`hf_rlion.kernels.cpu_rlion`), the Triton kernel on GPUs
             (:mod:`hf_rlion.kernels.triton_rlion`; CUDA/ROCm, XPU). ``None`` (default) picks it
             where it can run; ``True`` raises ``RuntimeError`` where it cannot. The Triton path
             never waits for the GPU in ``step()`` (see ``docs/kernels.md``).

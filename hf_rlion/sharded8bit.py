@@ -19,7 +19,7 @@ norm of the local ``ĉ_t`` (squared in float64) and whether the local gradient h
 These ``2·n`` numbers, for all ``n`` sharded tensors of the step, are summed over the ranks in
 ONE ``all_reduce`` (per device mesh). The second pass skips tensors with a non-finite flag on any
 rank and updates the others with ``α_t = min(α / max(RMS, FLT_MIN), FLT_MAX)``,
-``RMS = sqrt(Σ_ranks ‖ĉ‖² / numel)``: :func:`hf_rlion.rlion8bit.rlion8bit_reference_update_`
+``RMS = sqrt(Σ_ranks ‖ĉ‖² / numel)``: :func:`hf_rlion.reference8bit.rlion8bit_reference_update_`
 (or the fused CPU kernel, given ``α_t`` as a fixed α) on ``p.to_local()``, ``p.grad.to_local()``
 and the local codes. The first pass dequantises and forms ``ĉ_t`` once more than a one-process
 step; temporaries stay the size of one local shard.
@@ -48,6 +48,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import bitsandbytes.functional as bnb_functional
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -59,7 +60,10 @@ except ImportError:  # pragma: no cover - torch built without distributed
 
 __all__ = ["is_sharded", "check_supported", "step", "portable_state_dict", "restore_local_layout"]
 
-from .rlion import FLOAT32_MAX, _alpha_cap
+from ._optimizer_base import BLOCKSIZE
+from .kernels.cpu_rlion8bit import fused_update_many_
+from .reference8bit import quantize_blockwise, rlion8bit_reference_update_
+from .rlion import FLOAT32_MAX, _alpha_cap, rlion_update_
 
 _FLT_MIN = torch.finfo(torch.float32).tiny
 
@@ -130,12 +134,6 @@ class _ShardLayout:
         return self.start // self.blocksize
 
 
-def _rlion8bit():
-    from . import rlion8bit  # the module that imports this one
-
-    return rlion8bit
-
-
 # ---------------------------------------------------------------------------------------------
 # the step
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +169,7 @@ def _init_state(optimizer, param: Tensor, state: dict, group: dict, overrides: d
     optimizer._init_state(param, state, group, overrides)
     if "state1" in state:
         local = param.to_local()
-        blocks = -(-local.numel() // _rlion8bit().BLOCKSIZE)
+        blocks = -(-local.numel() // BLOCKSIZE)
         state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=local.device)
 
 
@@ -182,8 +180,8 @@ def _local_momentum(state: dict) -> Tensor:
     codes = state["state1"].to_local()
     if codes.numel() == 0:
         return torch.zeros(codes.shape, dtype=torch.float32, device=codes.device)
-    return _rlion8bit().bnb_functional.dequantize_blockwise(
-        codes, absmax=state["absmax1"], code=state["qmap1"], blocksize=_rlion8bit().BLOCKSIZE
+    return bnb_functional.dequantize_blockwise(
+        codes, absmax=state["absmax1"], code=state["qmap1"], blocksize=BLOCKSIZE
     )
 
 
@@ -246,7 +244,6 @@ def step(optimizer) -> None:
     items = _items(optimizer)
     if not items:
         return
-    r8 = _rlion8bit()
     steps = [int(state["step"].item()) + 1 for _, state, _, _ in items]
     statistics = [_local_statistics(p, state, s, hp) for (p, state, hp, _), s in zip(items, steps)]
     sums, nonfinite = _reduce_over_ranks(items, [s for s, _ in statistics], [f for _, f in statistics])
@@ -263,17 +260,17 @@ def step(optimizer) -> None:
         if local.numel() == 0:
             continue
         if "state1" not in state:
-            r8.rlion_update_(local, grad, state["exp_avg"].to_local(), count, scale=scale, **hp)
+            rlion_update_(local, grad, state["exp_avg"].to_local(), count, scale=scale, **hp)
             continue
         codes = state["state1"].to_local()
         library = optimizer._use_kernel(group, local, grad, {"state1": codes, "qmap1": state["qmap1"]})
         if library is not None:  # the kernel with α_t as its fixed α
-            r8.fused_update_many_(
+            fused_update_many_(
                 library, [local], [grad], [codes], [state["absmax1"]], [state["qmap1"]], [count],
                 **dict(hp, alpha=scale, alpha_scaling="fixed"),
             )  # fmt: skip
         else:
-            r8.rlion8bit_reference_update_(local, grad, codes, state["absmax1"], state["qmap1"], count, scale=scale, **hp)
+            rlion8bit_reference_update_(local, grad, codes, state["absmax1"], state["qmap1"], count, scale=scale, **hp)
     optimizer._record_nonfinite(skipped)
 
 
@@ -296,11 +293,10 @@ def _global_grid(layout: _ShardLayout, codes: Tensor, absmax: Tensor, qmap: Tens
     """(this shard's codes, the whole tensor's absmax) of the momentum quantised on the global grid."""
     if layout.aligned:
         return codes, _all_gather_absmax(layout, absmax)
-    r8 = _rlion8bit()
     device = absmax.device
     global_absmax = torch.zeros(layout.blocks, dtype=torch.float32, device=device)
     if layout.numel:
-        momentum = r8.bnb_functional.dequantize_blockwise(codes, absmax=absmax, code=qmap, blocksize=layout.blocksize)
+        momentum = bnb_functional.dequantize_blockwise(codes, absmax=absmax, code=qmap, blocksize=layout.blocksize)
         padded = layout.padded(momentum)
         first = layout.first_global_block
         global_absmax[first : first + padded.shape[0]] = padded.abs().amax(dim=1)
@@ -325,13 +321,12 @@ def _quantize_on_grid(layout: _ShardLayout, values: Tensor, global_absmax: Tenso
 def portable_state_dict(optimizer, state_dict: dict) -> dict:
     """Replace, in ``optimizer.state_dict()``'s output, the local 8-bit state of each sharded parameter
     by the checkpoint layout of the module docstring. Collective."""
-    r8 = _rlion8bit()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for index, param in enumerate(params):
         entry = state_dict["state"].get(index)
         if entry is None or not is_sharded(param) or "state1" not in entry:
             continue
-        layout = _ShardLayout(param, r8.BLOCKSIZE)
+        layout = _ShardLayout(param, BLOCKSIZE)
         live_codes = entry["state1"].to_local()
         codes, global_absmax = _global_grid(layout, live_codes, entry["absmax1"], entry["qmap1"])
         low, high = layout.block_chunk
@@ -351,13 +346,12 @@ def portable_state_dict(optimizer, state_dict: dict) -> dict:
 def restore_local_layout(optimizer) -> None:
     """After ``load_state_dict``: turn each sharded parameter's loaded checkpoint-layout state into
     the live layout (local blocks); exact where the shards start at multiples of 256. Collective."""
-    r8 = _rlion8bit()
     for group in optimizer.param_groups:
         for param in group["params"]:
             state = optimizer.state.get(param)
             if not state or not is_sharded(param) or "state1" not in state:
                 continue
-            layout = _ShardLayout(param, r8.BLOCKSIZE)
+            layout = _ShardLayout(param, BLOCKSIZE)
             codes, absmax, qmap = state["state1"], state["absmax1"], state["qmap1"]
             local_codes = _local_rows(codes, param, layout)
             global_absmax = absmax.full_tensor() if is_sharded(absmax) else absmax
@@ -378,7 +372,7 @@ def restore_local_layout(optimizer) -> None:
                 momentum = (qmap[padded_codes.long()] * scale[:, None]).reshape(-1)
                 front = layout.start % layout.blocksize
                 momentum = momentum[front : front + layout.numel].view_as(local_codes)
-                local_codes, local_absmax = r8.quantize_blockwise(momentum, qmap)
+                local_codes, local_absmax = quantize_blockwise(momentum, qmap)
                 local_codes = local_codes.view_as(param.to_local())
             else:
                 local_absmax = torch.zeros(0, dtype=torch.float32, device=local_codes.device)

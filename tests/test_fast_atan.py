@@ -15,9 +15,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_rlion import fused_cpu
+from hf_rlion.kernels import cpu_rlion
 
-pytestmark = pytest.mark.skipif(not fused_cpu.kernel_available(), reason="no C compiler for the CPU kernel")
+pytestmark = pytest.mark.skipif(not cpu_rlion.kernel_available(), reason="no C compiler for the CPU kernel")
 
 
 def ordered(bits: np.ndarray) -> np.ndarray:
@@ -36,7 +36,7 @@ def correctly_rounded_atan(x: np.ndarray) -> np.ndarray:
 
 
 def kernel_atan(x: np.ndarray) -> np.ndarray:
-    return fused_cpu.atan(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+    return cpu_rlion.atan(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
 
 
 def test_ulp_distance_helper_counts_representable_floats():
@@ -109,16 +109,16 @@ def test_large_arrays_and_threads_give_the_same_values():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = fused_cpu.atan(x)
+        single = cpu_rlion.atan(x)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(single, fused_cpu.atan(x))
+    assert torch.equal(single, cpu_rlion.atan(x))
     assert ulp_distance(single.numpy(), correctly_rounded_atan(x.numpy())).max() <= 1
 
 
 def test_rejects_other_dtypes_with_a_clear_error():
     with pytest.raises(ValueError, match="float32"):
-        fused_cpu.atan(torch.zeros(3, dtype=torch.float64))
+        cpu_rlion.atan(torch.zeros(3, dtype=torch.float64))
 
 
 @settings(max_examples=300, deadline=None)
@@ -135,7 +135,7 @@ def test_the_exhaustive_checker_counts_a_slice_correctly():
     """benchmarks/atan_exhaustive.py's C sweep, on the 2^20 floats from 0.5 up (where 1-ulp cases exist)."""
     import ctypes
 
-    check = fused_cpu._load().rlion_atan_check
+    check = cpu_rlion._load().rlion_atan_check
     check.restype = ctypes.c_int64
     check.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
     counts, worst, worst_bits = (ctypes.c_int64 * 4)(), ctypes.c_int64(-1), ctypes.c_uint32(0)

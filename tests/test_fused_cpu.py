@@ -11,11 +11,12 @@ import sys
 import pytest
 import torch
 
-from hf_rlion import RLion, fused_cpu
+from hf_rlion import RLion
+from hf_rlion.kernels import cpu_rlion
 from hf_rlion._optimizer_base import finite_gradient_mask
-from hf_rlion.rlion import _foreach_rlion, _single_tensor_rlion, rlion_update_
+from hf_rlion.rlion import _foreach_rlion, _fused_cpu_rlion, _single_tensor_rlion, rlion_update_
 
-pytestmark = pytest.mark.skipif(not fused_cpu.kernel_available(), reason="no C compiler for the CPU kernel")
+pytestmark = pytest.mark.skipif(not cpu_rlion.kernel_available(), reason="no C compiler for the CPU kernel")
 
 GROUPS = [
     dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, alpha=3.0, alpha_scaling="rms", bias_correction=False),
@@ -64,7 +65,7 @@ def float64_reference(params, grads):
 def test_default_cpu_path_is_the_fused_kernel():
     p = torch.nn.Parameter(torch.zeros(4))
     opt = RLion([p])
-    assert opt._implementation(opt.param_groups[0], [p]) is fused_cpu.fused_rlion
+    assert opt._implementation(opt.param_groups[0], [p]) is _fused_cpu_rlion
     for switches, expected in [(dict(foreach=False), _single_tensor_rlion), (dict(foreach=True), _foreach_rlion)]:
         other = RLion([p], **switches)
         assert other._implementation(other.param_groups[0], [p]) is expected
@@ -129,17 +130,17 @@ def run_big_group(alpha_scaling, threads, split_min=None, steps=3):
     exp_avgs = [torch.zeros(s) for s in shapes]
     hp = dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, alpha=3.0 if alpha_scaling == "rms" else 100.0,
               alpha_scaling=alpha_scaling, bias_correction=True, maximize=False)
-    saved_threads, saved_split = torch.get_num_threads(), fused_cpu.RMS_SPLIT_MIN_NUMEL
+    saved_threads, saved_split = torch.get_num_threads(), cpu_rlion.RMS_SPLIT_MIN_NUMEL
     try:
         torch.set_num_threads(threads)
         if split_min is not None:
-            fused_cpu.RMS_SPLIT_MIN_NUMEL = split_min
+            cpu_rlion.RMS_SPLIT_MIN_NUMEL = split_min
         for step in range(1, steps + 1):
             grads = [torch.randn(s, generator=gen) * 1e-3 for s in shapes]
-            fused_cpu.fused_rlion(params, grads, exp_avgs, [step] * len(shapes), **hp)
+            cpu_rlion.fused_rlion(params, grads, exp_avgs, [step] * len(shapes), **hp)
     finally:
         torch.set_num_threads(saved_threads)
-        fused_cpu.RMS_SPLIT_MIN_NUMEL = saved_split
+        cpu_rlion.RMS_SPLIT_MIN_NUMEL = saved_split
     return params + exp_avgs
 
 
@@ -152,7 +153,7 @@ def test_results_do_not_depend_on_the_thread_count(alpha_scaling):
 
 def test_tensors_split_across_threads_give_the_same_numbers():
     # "rms": small tensors are done by one thread each, large ones split across threads
-    assert fused_cpu.split_numel([700_000, 40_000, 38_700], 2) == fused_cpu.RMS_SPLIT_MIN_NUMEL > 700_000
+    assert cpu_rlion.split_numel([700_000, 40_000, 38_700], 2) == cpu_rlion.RMS_SPLIT_MIN_NUMEL > 700_000
     owned = run_big_group("rms", threads=2)
     split = run_big_group("rms", threads=2, split_min=1)  # now the 700k and 40k tensors are split
     for a, b in zip(owned, split):
@@ -180,10 +181,10 @@ def test_pipelined_read_pass_gives_each_tensor_the_numbers_it_gets_alone(alpha_s
     try:
         torch.set_num_threads(threads)
         together = [t.clone() for t in params], [m.clone() for m in exp_avgs]
-        skipped = fused_cpu.fused_rlion(*together[:1], grads, together[1], [4] * len(shapes), **hp)
+        skipped = cpu_rlion.fused_rlion(*together[:1], grads, together[1], [4] * len(shapes), **hp)
         alone = [t.clone() for t in params], [m.clone() for m in exp_avgs]
         skipped_alone = [i for i in range(len(shapes))
-                         if fused_cpu.fused_rlion([alone[0][i]], [grads[i]], [alone[1][i]], [4], **hp)]
+                         if cpu_rlion.fused_rlion([alone[0][i]], [grads[i]], [alone[1][i]], [4], **hp)]
     finally:
         torch.set_num_threads(saved)
     assert skipped == skipped_alone == [3]
@@ -200,7 +201,7 @@ def test_finite_gradient_whose_sum_of_squares_overflows_is_stepped_like_the_refe
     # as the reference does (momentum updated, parameter only decayed), and count no skip.
     gen = torch.Generator().manual_seed(5)
     shapes = [(3000,), (700_000,), (500,)]
-    monkeypatch.setattr(fused_cpu, "RMS_SPLIT_MIN_NUMEL", 1)  # the 700k tensor is split across the threads
+    monkeypatch.setattr(cpu_rlion, "RMS_SPLIT_MIN_NUMEL", 1)  # the 700k tensor is split across the threads
     params = [torch.randn(s, generator=gen) for s in shapes]
     grads = [torch.randn(s, generator=gen) * 1e-2 for s in shapes]
     grads[0].mul_(1e22)
@@ -229,9 +230,9 @@ def test_finite_gradient_whose_sum_of_squares_overflows_is_stepped_like_the_refe
 
 def test_step_counts_are_incremented_by_the_kernel_or_by_torch_for_other_dtypes():
     counts = [torch.tensor(2.0), torch.tensor(7.0)]
-    assert fused_cpu.increment_steps(counts) == [3, 8] and [c.item() for c in counts] == [3.0, 8.0]
+    assert cpu_rlion.increment_steps(counts) == [3, 8] and [c.item() for c in counts] == [3.0, 8.0]
     other = [torch.tensor(2.0), torch.tensor(5.0, dtype=torch.float64)]
-    assert fused_cpu.increment_steps(other) is None and other[1].item() == 5.0  # untouched
+    assert cpu_rlion.increment_steps(other) is None and other[1].item() == 5.0  # untouched
     # an optimizer whose state holds a float64 count (an old checkpoint) still counts, via torch
     p = torch.nn.Parameter(torch.randn(10))
     opt = RLion([p], lr=1e-2)
@@ -252,7 +253,7 @@ def test_non_contiguous_tensors_fall_back_to_the_reference_in_the_same_call():
               bias_correction=True, maximize=False)
     for step in range(1, 6):
         grads = [torch.randn(p.shape, generator=gen) for p in params]
-        fused_cpu.fused_rlion(params, grads, ms, [step] * 3, **hp)
+        _fused_cpu_rlion(params, grads, ms, [step] * 3, **hp)
         _single_tensor_rlion(ref_params, grads, ref_ms, [step] * 3, **hp)
     assert torch.equal(params[0], ref_params[0])  # the strided one took the reference path exactly
     for a, b in zip(params[1:], ref_params[1:]):
@@ -270,8 +271,8 @@ def test_fused_true_on_unsupported_params_raises_clearly():
         p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
         p.grad = torch.ones(3, dtype=torch.float64)
         RLion([p], fused=True).step()
-    assert not fused_cpu.is_supported([torch.zeros(2, dtype=torch.float64)])
-    assert fused_cpu.is_supported([torch.zeros(2), torch.zeros(2, dtype=torch.bfloat16)])
+    assert not cpu_rlion.is_supported([torch.zeros(2, dtype=torch.float64)])
+    assert cpu_rlion.is_supported([torch.zeros(2), torch.zeros(2, dtype=torch.bfloat16)])
 
 
 def test_zero_size_and_scalar_parameters():
@@ -313,7 +314,7 @@ def test_finite_mask_agrees_with_the_torch_check(dtype):
     grads.append(torch.tensor([float("nan")], dtype=torch.float64))
     expected = finite_gradient_mask(grads)
     assert expected == [True, False, False, False, True, True, False, False]
-    assert fused_cpu.finite_mask(grads) == expected
+    assert cpu_rlion.finite_mask(grads, finite_gradient_mask) == expected
 
 
 def test_learns_digits_like_the_reference():
@@ -373,9 +374,10 @@ def test_kernel_disabled_by_environment_falls_back_to_torch():
     code = (
         "import warnings, torch\n"
         "warnings.simplefilter('ignore')\n"
-        "from hf_rlion import RLion, fused_cpu\n"
+        "from hf_rlion import RLion\n"
+        "from hf_rlion.kernels import cpu_rlion\n"
         "p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)\n"
-        "assert not fused_cpu.is_supported([p])\n"
+        "assert not cpu_rlion.is_supported([p])\n"
         "RLion([p], lr=0.1).step()\n"
         "print(p.tolist())\n"
     )

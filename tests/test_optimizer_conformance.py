@@ -77,7 +77,8 @@ from torch import nn
 pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnb_functional  # noqa: E402
 
-from hf_rlion import RLion, fused_cpu  # noqa: E402
+from hf_rlion import RLion  # noqa: E402
+from hf_rlion.kernels import cpu_rlion, cpu_rlion8bit  # noqa: E402
 from hf_rlion import rlion8bit  # noqa: E402
 from hf_rlion.rlion8bit import RLion8bit  # noqa: E402
 
@@ -134,7 +135,7 @@ IMPLEMENTATIONS = {
 
 
 def _kernels_available() -> bool:
-    return fused_cpu.kernel_available() and rlion8bit.kernel_available()
+    return cpu_rlion.kernel_available() and cpu_rlion8bit.kernel_available()
 
 
 def implementation_params(names=None):
@@ -1120,7 +1121,7 @@ EIGHT_BIT_PATHS = [
     pytest.param(
         True,
         id="kernel",
-        marks=pytest.mark.skipif(not rlion8bit.kernel_available(), reason="no C compiler: 8-bit kernel absent"),
+        marks=pytest.mark.skipif(not cpu_rlion8bit.kernel_available(), reason="no C compiler: 8-bit kernel absent"),
     ),
 ]
 DTYPES = [pytest.param(d, id=str(d).removeprefix("torch.")) for d in (torch.float32, torch.bfloat16, torch.float16)]

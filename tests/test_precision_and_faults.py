@@ -145,9 +145,9 @@ def test_bf16_parameters_learn_with_float32_momentum(float32_accuracy):
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")])
 def test_fused_kernel_checks_each_tensor_itself_like_the_reference(alpha_scaling, bad_value):
     """The fused CPU path applies the policy inside the kernel (small tensors and ones split across threads)."""
-    from hf_rlion import fused_cpu
+    from hf_rlion.kernels import cpu_rlion
 
-    if not fused_cpu.kernel_available():
+    if not cpu_rlion.kernel_available():
         pytest.skip("no C compiler here: the fused path is unavailable")
     torch.manual_seed(0)
     shapes = [(3000,), (2_200_000,), (64, 64), (2_100_000,)]  # two above the kernel's split size

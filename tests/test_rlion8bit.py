@@ -21,9 +21,12 @@ from bitsandbytes.optim import GlobalOptimManager  # noqa: E402
 import hf_rlion  # noqa: E402
 from hf_rlion import RLion  # noqa: E402
 from hf_rlion import rlion8bit as r8  # noqa: E402
+from hf_rlion.kernels import cpu_rlion8bit  # noqa: E402
 from hf_rlion.rlion8bit import PagedRLion8bit, RLion8bit, keep_embeddings_in_32bit  # noqa: E402
 
-needs_kernel = pytest.mark.skipif(not r8.kernel_available(), reason="no C compiler: the fused 8-bit kernel is absent")
+needs_kernel = pytest.mark.skipif(
+    not cpu_rlion8bit.kernel_available(), reason="no C compiler: the fused 8-bit kernel is absent"
+)
 
 
 def f32_ulp(x: torch.Tensor) -> torch.Tensor:
@@ -140,7 +143,8 @@ def test_kernel_codes_equal_the_reference_at_the_extremes_of_float32(alpha_scali
     ref = [torch.randn(n), grad.clone(), codes.clone(), absmax.clone()]
     fast = [t.clone() for t in ref]
     r8.rlion8bit_reference_update_(*ref, qmap, 1, **options)
-    skipped = r8.fused_update_many_(r8._load_kernel(), *[[t] for t in fast], [qmap], [1], **options)
+    library = cpu_rlion8bit._load_kernel()
+    skipped = cpu_rlion8bit.fused_update_many_(library, *[[t] for t in fast], [qmap], [1], **options)
     assert skipped == [] and torch.isfinite(ref[3]).all()
     assert torch.equal(fast[2], ref[2]) and torch.equal(fast[3], ref[3])
 
@@ -157,18 +161,19 @@ def test_kernel_table_index_is_bitsandbytes_formula_for_floats_in_minus_one_one(
     assert v.abs().max() == 1.0 and (v == -1.0).any()
     expected = (((v + 1.0) * 0.5) * 65535.0 + 0.5).to(torch.int32)
     ours = torch.empty_like(patterns)
-    r8._load_kernel().rlion8bit_table_index(v.data_ptr(), ours.data_ptr(), v.numel())
+    cpu_rlion8bit._load_kernel().rlion8bit_table_index(v.data_ptr(), ours.data_ptr(), v.numel())
     assert torch.equal(ours, expected)
 
 
 def test_code_table_is_remembered_per_qmap_tensor_and_rebuilt_when_it_changes():
     qmap = bnb_functional.create_dynamic_map(signed=True)
-    table = r8._lut_of(qmap)
-    assert r8._lut_of(qmap) is table and torch.equal(table, r8.quantize_lut(qmap))
+    table = cpu_rlion8bit._lut_of(qmap)
+    assert cpu_rlion8bit._lut_of(qmap) is table and torch.equal(table, cpu_rlion8bit.quantize_lut(qmap))
     twin = qmap.clone()
-    assert torch.equal(r8._lut_of(twin), table)
+    assert torch.equal(cpu_rlion8bit._lut_of(twin), table)
     qmap.mul_(0.5)  # changed in place: a different map, a different table
-    assert torch.equal(r8._lut_of(qmap), r8.quantize_lut(qmap)) and not torch.equal(r8._lut_of(qmap), table)
+    rebuilt = cpu_rlion8bit._lut_of(qmap)
+    assert torch.equal(rebuilt, cpu_rlion8bit.quantize_lut(qmap)) and not torch.equal(rebuilt, table)
 
 
 def test_reference_first_step_equals_rlion_and_momentum_is_quantised_within_the_map_gap():
@@ -196,20 +201,20 @@ def test_reference_first_step_equals_rlion_and_momentum_is_quantised_within_the_
 
 @needs_kernel
 def test_kernel_arctan_is_the_fp32_rlion_kernels_and_within_one_ulp_of_torch():
-    from hf_rlion import fused_cpu
+    from hf_rlion.kernels import cpu_rlion
 
     torch.manual_seed(0)
     exponents = torch.randint(-45, 39, (400_000,)).float()
     special = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1e-45, -1e-45, 3.4e38, 1.0, -1.0])
     x = torch.cat([torch.randn(400_000) * 10.0**exponents, special])
-    ours, theirs = r8.fast_atan(x), torch.atan(x)
+    ours, theirs = cpu_rlion8bit.fast_atan(x), torch.atan(x)
     finite = theirs.isfinite()
     ulps = (ours.view(torch.int32).long() - theirs.view(torch.int32).long()).abs()
     assert ulps[finite].max() <= 1
     assert torch.equal(ours[-10:].isnan(), theirs[-10:].isnan())
     assert torch.equal(torch.signbit(ours[-10:-8]), torch.tensor([False, True]))  # atan(±0) = ±0
-    if fused_cpu.kernel_available():
-        assert torch.equal(ours.view(torch.int32), fused_cpu.atan(x).view(torch.int32))
+    if cpu_rlion.kernel_available():
+        assert torch.equal(ours.view(torch.int32), cpu_rlion.atan(x).view(torch.int32))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Loading optimizer state: checks before anything changes, RLion <-> RLion8bit conversion, torch's conventions.
 
 Each test names the defect it guards against and failed on the code before these checks,
-except the one whose docstring says it guards an existing check (fused_cpu's shape test).
+except the one whose docstring says it guards an existing check (cpu_rlion's shape test).
 """
 
 import copy
@@ -18,6 +18,7 @@ from hf_rlion.registry import parse_optim_args
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 from hf_rlion import rlion8bit as r8  # noqa: E402
+from hf_rlion.kernels import cpu_rlion8bit  # noqa: E402
 from hf_rlion.rlion8bit import RLion8bit  # noqa: E402
 
 
@@ -161,7 +162,7 @@ def test_a_step_that_finds_8bit_state_replaced_by_hand_changes_nothing(fused):
         assert torch.equal(p, w)
 
 
-@pytest.mark.skipif(not r8.kernel_available(), reason="the 8-bit C kernel is not built here")
+@pytest.mark.skipif(not cpu_rlion8bit.kernel_available(), reason="the 8-bit C kernel is not built here")
 def test_8bit_kernel_call_checks_sizes_for_direct_callers():
     param, grad = torch.randn(1000), torch.randn(1000)
     codes, absmax = torch.zeros(1000, dtype=torch.uint8), torch.ones(3)  # 4 blocks needed
@@ -171,11 +172,13 @@ def test_8bit_kernel_call_checks_sizes_for_direct_callers():
         bias_correction=False, maximize=False,
     )  # fmt: skip
     with pytest.raises(ValueError, match="absmax1 torch.float32 \\(3,\\)"):
-        r8.fused_update_many_(r8._load_kernel(), [param], [grad], [codes], [absmax], [qmap], [1], **hyperparameters)
+        cpu_rlion8bit.fused_update_many_(
+            cpu_rlion8bit._load_kernel(), [param], [grad], [codes], [absmax], [qmap], [1], **hyperparameters
+        )
 
 
 def test_rlion_fused_path_sends_a_misshapen_momentum_to_torch_which_raises():
-    """Guards fused_cpu's eligibility check: the C kernel never gets a momentum of another shape."""
+    """Guards cpu_rlion's eligibility check: the C kernel never gets a momentum of another shape."""
     params, opt = _trained(RLion, [(6, 4)])
     opt.state[params[0]]["exp_avg"] = torch.zeros(24)
     with pytest.raises(RuntimeError):

@@ -20,7 +20,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from hf_rlion import RLion, fused_cpu  # noqa: E402
+from hf_rlion import RLion  # noqa: E402
+from hf_rlion.kernels import cpu_rlion, cpu_rlion8bit  # noqa: E402
+from hf_rlion.rlion import _fused_cpu_rlion  # noqa: E402
 from hf_rlion._optimizer_base import finite_gradient_mask  # noqa: E402
 
 GROUPS = [dict(lr=1e-2, weight_decay=0.0), dict(lr=3e-2, weight_decay=0.1, maximize=True)]
@@ -282,11 +284,11 @@ def test_dispatch_under_the_interpreter(interpreter):
 
 
 def test_fused_none_on_cpu_still_picks_the_c_kernel():
-    if not fused_cpu.kernel_available():
+    if not cpu_rlion.kernel_available():
         pytest.skip("no C compiler here")
     p = torch.nn.Parameter(torch.zeros(4))
     optimizer = RLion([p])
-    assert optimizer._implementation(optimizer.param_groups[0], [p]) is fused_cpu.fused_rlion
+    assert optimizer._implementation(optimizer.param_groups[0], [p]) is _fused_cpu_rlion
 
 
 @pytest.mark.parametrize("kind", ["rlion", "8bit"])
@@ -295,9 +297,7 @@ def test_state_saved_on_one_path_continues_on_the_other(interpreter, kind, direc
     """Two steps on one path, state_dict and parameters to the other process, three more steps there:
     the same result as five reference steps (the state layout is one: step counts, float32 momentum,
     8-bit codes and absmax)."""
-    from hf_rlion import rlion8bit
-
-    if not (fused_cpu.kernel_available() and rlion8bit.kernel_available()):
+    if not (cpu_rlion.kernel_available() and cpu_rlion8bit.kernel_available()):
         pytest.skip("no C compiler here")
     dtype, scaling = torch.float32, "rms"
     c_path = dict(fused=None)

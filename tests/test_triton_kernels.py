@@ -60,7 +60,7 @@ def _ordered(bits):
 def _atan_body() -> None:
     import torch
 
-    from hf_rlion import fused_cpu
+    from hf_rlion.kernels import cpu_rlion
     from hf_rlion.kernels import triton_atan
 
     g = torch.Generator().manual_seed(0)
@@ -78,7 +78,7 @@ def _atan_body() -> None:
         ]
     )
     ours = triton_atan.atan(x, block_size=4096)
-    reference = fused_cpu.atan(x)
+    reference = cpu_rlion.atan(x)
     nan = torch.isnan(x)
     assert torch.isnan(ours[nan]).all()
     ulps = (_ordered(ours.view(torch.int32)) - _ordered(reference.view(torch.int32))).abs()[~nan]
@@ -240,12 +240,12 @@ def _quantize_body() -> None:
     import numpy as np
     import torch
 
-    from hf_rlion import rlion8bit
+    from hf_rlion import reference8bit, rlion8bit
     from hf_rlion.kernels import triton_rlion8bit
     from hf_rlion.kernels.triton_rlion8bit import quantize_blockwise
 
     assert triton_rlion8bit.BLOCKSIZE == rlion8bit.BLOCKSIZE
-    assert triton_rlion8bit.SUBNORMAL_BLOCK_SCALE == rlion8bit._SUBNORMAL_BLOCK_SCALE
+    assert triton_rlion8bit.SUBNORMAL_BLOCK_SCALE == reference8bit._SUBNORMAL_BLOCK_SCALE
     torch.manual_seed(3)
     qmap = bnb_functional.create_dynamic_map(signed=True)
     q = qmap.double()

@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from hf_rlion import RLion, fused_cpu
+from hf_rlion import RLion
+from hf_rlion.kernels import cpu_rlion
 
 F32_MAX = torch.finfo(torch.float32).max
 F32_TINY = torch.finfo(torch.float32).tiny
@@ -44,11 +45,12 @@ def one_thread():
 
 def make_optimizer(path: str, params, **hyperparameters):
     """The optimizer of ``path``, with that implementation forced."""
-    if path == "fused" and not fused_cpu.kernel_available():
+    if path == "fused" and not cpu_rlion.kernel_available():
         pytest.skip("no C compiler for the CPU kernel")
     if path.startswith("8bit"):
         pytest.importorskip("bitsandbytes")
-        from hf_rlion.rlion8bit import RLion8bit, kernel_available
+        from hf_rlion.kernels.cpu_rlion8bit import kernel_available
+        from hf_rlion.rlion8bit import RLion8bit
 
         if path == "8bit_kernel" and not kernel_available():
             pytest.skip("no C compiler for the 8-bit kernel")
@@ -176,7 +178,7 @@ def test_zero_momentum_tensor_split_across_threads_changes_only_by_weight_decay(
     """The kernels' other branch: a tensor above ``split_numel`` has its read pass and update split
     across threads, and its multiplier computed after a barrier; it is capped there too."""
     torch.set_num_threads(2)  # undone by the one_thread fixture
-    numel = fused_cpu.split_numel([1 << 20], 2)
+    numel = cpu_rlion.split_numel([1 << 20], 2)
     param = nn.Parameter(torch.randn(numel, generator=torch.Generator().manual_seed(0)))
     expected = param.detach() * (1.0 - 2.0**-6)
     optimizer = make_optimizer(path, [param], lr=2.0**-4, weight_decay=2.0**-2, alpha=10.0, bias_correction=True)

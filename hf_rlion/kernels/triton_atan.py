@@ -2,31 +2,47 @@ r"""arctan in float32 for Triton kernels: the C kernels' ``rlion_atanf``, operat
 
 Range reduction ``x = |a|``; ``t = x`` for ``x < 1``, ``t = 1/x`` (correctly rounded, ``div_rn``)
 for ``x >= 1``; on ``[0, 1]`` ``atan(t) = t + t z P(z)``, ``z = t²``, ``P`` the degree-8 minimax
-polynomial of ``hf_rlion/_rlion_kernel.c`` (same float32 coefficients, same Horner order with
-``fma``). For ``x >= 1``, ``π/2 - atan(t)`` with ``PIO2_HI - t`` split exactly (Fast2Sum), then the
-sign of ``a`` is put back. ``±0`` keep their sign, ``±inf`` give ``±π/2`` (float32), NaN stays NaN.
+polynomial of ``hf_rlion/kernels/rlion_atan.h`` (the same float32 coefficients, read from that
+header, and the same Horner order with ``fma``). For ``x >= 1``, ``π/2 - atan(t)`` with
+``PIO2_HI - t`` split exactly (Fast2Sum), then the sign of ``a`` is put back. ``±0`` keep their
+sign, ``±inf`` give ``±π/2`` (float32), NaN stays NaN.
 
 Where the C code multiplies and adds separately, so does this code, but a GPU compiler may contract
 such a pair into an ``fma`` (Triton allows it by default) and Triton's interpreter evaluates ``fma``
 as a multiply then an add: the result may then differ from the C function by 1 ulp (tested under the
-interpreter against :func:`hf_rlion.fused_cpu.atan`).
+interpreter against :func:`hf_rlion.kernels.cpu_rlion.atan`).
 """
+
+import re
+from pathlib import Path
 
 import triton
 import triton.language as tl
 
-ATAN_C0 = tl.constexpr(float.fromhex("-0x1.55553ep-2"))
-ATAN_C1 = tl.constexpr(float.fromhex("0x1.9991e8p-3"))
-ATAN_C2 = tl.constexpr(float.fromhex("-0x1.2420d6p-3"))
-ATAN_C3 = tl.constexpr(float.fromhex("0x1.c090f2p-4"))
-ATAN_C4 = tl.constexpr(float.fromhex("-0x1.581a50p-4"))
-ATAN_C5 = tl.constexpr(float.fromhex("0x1.da707ap-5"))
-ATAN_C6 = tl.constexpr(float.fromhex("-0x1.fe1fe0p-6"))
-ATAN_C7 = tl.constexpr(float.fromhex("0x1.64e846p-7"))
-ATAN_C8 = tl.constexpr(float.fromhex("-0x1.d4dc8ap-10"))
+#: The C header whose ``static const float NAME = <hexfloat>f;`` lines hold the coefficients.
+ATAN_HEADER = Path(__file__).with_name("rlion_atan.h")
+_CONSTANT = re.compile(r"^static const float (?P<name>\w+) = (?P<value>[-+]?0x[0-9a-fA-F.]+p[-+]?\d+)f;", re.M)
+
+
+def header_constants(path: Path = ATAN_HEADER) -> dict[str, float]:
+    """The float32 constants of the C arctangent (``ATAN_C0`` .. ``ATAN_C8``, ``PIO2_HI``, ``PIO2_LO``),
+    read from its header with :meth:`float.fromhex` (exact: they are float32 values)."""
+    return {m["name"]: float.fromhex(m["value"]) for m in _CONSTANT.finditer(path.read_text())}
+
+
+_C = header_constants()
+ATAN_C0 = tl.constexpr(_C["ATAN_C0"])
+ATAN_C1 = tl.constexpr(_C["ATAN_C1"])
+ATAN_C2 = tl.constexpr(_C["ATAN_C2"])
+ATAN_C3 = tl.constexpr(_C["ATAN_C3"])
+ATAN_C4 = tl.constexpr(_C["ATAN_C4"])
+ATAN_C5 = tl.constexpr(_C["ATAN_C5"])
+ATAN_C6 = tl.constexpr(_C["ATAN_C6"])
+ATAN_C7 = tl.constexpr(_C["ATAN_C7"])
+ATAN_C8 = tl.constexpr(_C["ATAN_C8"])
 #: float32(π/2), above π/2 by 4.37e-8, and π/2 - PIO2_HI
-PIO2_HI = tl.constexpr(float.fromhex("0x1.921fb6p+0"))
-PIO2_LO = tl.constexpr(float.fromhex("-0x1.777a5cp-25"))
+PIO2_HI = tl.constexpr(_C["PIO2_HI"])
+PIO2_LO = tl.constexpr(_C["PIO2_LO"])
 
 
 @triton.jit

@@ -1,7 +1,7 @@
 r"""The fused GPU RLion step in Triton (float32 momentum), many tensors per launch.
 
 The rule is :func:`hf_rlion.rlion.rlion_update_`'s, with the arithmetic of the C kernel
-(``hf_rlion/_rlion_kernel.c``), element-wise in float32::
+(``hf_rlion/kernels/rlion_cpu.c``), element-wise in float32::
 
     g' = -g if maximize else g
     c  = lerp(m, g', 1 - β1)                      torch.lerp's two-sided formula (lerp_f32)
@@ -418,7 +418,7 @@ def fused_rlion(
 ) -> Tensor:
     """One RLion step, in place, on every tensor; returns int32 skip flags on the device.
 
-    The arguments are :func:`hf_rlion.fused_cpu.fused_rlion`'s: ``steps[i]`` is tensor i's step count
+    The arguments are :func:`hf_rlion.kernels.cpu_rlion.fused_rlion`'s: ``steps[i]`` is tensor i's step count
     after incrementing (a list of ints, or a tensor of counts that may live on the device). Parameters
     are float32, bfloat16 or float16, gradients of the same dtype, momenta float32, all contiguous on
     one device. With ``check_finite`` a tensor whose gradient holds NaN/inf is left untouched

@@ -17,7 +17,7 @@ the requantisation (:func:`quantize_nearest`):
   code next to a midpoint). Ties (``v`` exactly on a midpoint) take the lower code. The midpoints are
   float64 values rounded down to float32, so ``v > midpoint`` is the exact comparison;
 - a block with ``absmax`` below the smallest normal float32 is scaled by 2^64 first (exact), as
-  :func:`hf_rlion.rlion8bit.quantize_blockwise` does (``1 / absmax`` would overflow);
+  :func:`hf_rlion.reference8bit.quantize_blockwise` does (``1 / absmax`` would overflow);
 - an all-zero block gets ``absmax = 0`` and the code of 0.0 (bitsandbytes' CPU path stores code 0,
   ``-1 · 0``: the same momentum).
 
@@ -57,7 +57,7 @@ from .triton_rlion import (
 
 __all__ = ["fused_rlion8bit", "quantize_blockwise", "midpoints_of", "BLOCKSIZE", "DEFAULT_BLOCKS_PER_PROGRAM"]
 
-# BLOCKSIZE and the 2^64 scale are hf_rlion.rlion8bit's values, repeated so that this module does not
+# BLOCKSIZE and the 2^64 scale are hf_rlion.reference8bit's values, repeated so that this module does not
 # import bitsandbytes.
 #: Elements per quantisation block (bitsandbytes' blockwise optimizers).
 BLOCKSIZE = 256

@@ -1,6 +1,6 @@
 /* One fused RLion step on 8-bit blockwise-quantised momentum (CPU, float32 or bfloat16 parameters).
  *
- * Loaded by hf_rlion/rlion8bit.py through hf_rlion.native.load(); the pure-torch path in
+ * Loaded by hf_rlion/kernels/cpu_rlion8bit.py through hf_rlion.kernels.native.load(); the pure-torch path in
  * rlion8bit.py (bitsandbytes' dequantize_blockwise -> rlion_update_ -> quantize_blockwise) is the
  * reference this kernel is tested against.
  *
@@ -35,45 +35,9 @@
 
 #define BLOCK 256
 
-/* arctan in float32, branch-free so that it vectorises: the same function, coefficients and
- * error compensation as rlion_atanf in _rlion_kernel.c (the fp32 RLion kernel), so RLion and
- * RLion8bit take identical steps from identical momentum. Kept as a copy because each kernel
- * file is compiled on its own; tests/test_rlion8bit.py checks that both agree bit for bit
- * (it caught the fp32 kernel dropping its division-error compensation: update both together).
- * Within 1 ulp of the correctly rounded arctan; +-0 keep their sign, +-inf -> +-pi/2, NaN stays NaN. */
-static const float ATAN_C0 = -0x1.55553ep-2f;
-static const float ATAN_C1 = 0x1.9991e8p-3f;
-static const float ATAN_C2 = -0x1.2420d6p-3f;
-static const float ATAN_C3 = 0x1.c090f2p-4f;
-static const float ATAN_C4 = -0x1.581a50p-4f;
-static const float ATAN_C5 = 0x1.da707ap-5f;
-static const float ATAN_C6 = -0x1.fe1fe0p-6f;
-static const float ATAN_C7 = 0x1.64e846p-7f;
-static const float ATAN_C8 = -0x1.d4dc8ap-10f;
-static const float PIO2_HI = 0x1.921fb6p+0f;
-static const float PIO2_LO = -0x1.777a5cp-25f;
-
-static inline float fast_atanf(float a) {
-    const float x = fabsf(a);
-    const int big = x >= 1.0f;
-    const float t = big ? 1.0f / x : x;
-    const float z = t * t;
-    float poly = ATAN_C8;
-    poly = fmaf(poly, z, ATAN_C7);
-    poly = fmaf(poly, z, ATAN_C6);
-    poly = fmaf(poly, z, ATAN_C5);
-    poly = fmaf(poly, z, ATAN_C4);
-    poly = fmaf(poly, z, ATAN_C3);
-    poly = fmaf(poly, z, ATAN_C2);
-    poly = fmaf(poly, z, ATAN_C1);
-    poly = fmaf(poly, z, ATAN_C0);
-    const float tail = (t * z) * poly;
-    const float small_result = t + tail;
-    const float head = PIO2_HI - t;
-    const float head_err = (PIO2_HI - head) - t;
-    const float big_result = head + ((head_err + PIO2_LO) - tail);
-    return copysignf(big ? big_result : small_result, a);
-}
+/* arctan in float32: rlion_atanf, the fp32 RLion kernel's (rlion_atan.h), so RLion and RLion8bit take
+ * identical steps from identical momentum. Within 1 ulp of the correctly rounded arctan. */
+#include "rlion_atan.h"
 
 /* The kernel's loops are written so that GCC vectorises them (omp simd, loop-invariant choices
  * hoisted into multiplications that are exact: g * (+-1), c / 1, p * 1). The two table lookups are
@@ -238,7 +202,7 @@ static inline float block_absmax(const float *m, int64_t len) {
  * and leaves its table indices (table_index) in *pend (lookup_codes turns them into codes at q). The
  * same codes as bitsandbytes' (tested, also at the extremes of float32).
  * A block with absmax below FLT_MIN is first scaled by 2^64 in place (exact), as
- * rlion8bit.quantize_blockwise does: 1 / absmax overflows to inf below 2^-128, and a zero would give
+ * reference8bit.quantize_blockwise does: 1 / absmax overflows to inf below 2^-128, and a zero would give
  * 0 * inf = NaN, an index outside the table. Above 2^-128 the scaling changes no code. */
 static inline float quantize_index(float *m, int64_t len, pending_codes *pend, uint8_t *q) {
     const float block_max = block_absmax(m, len);
@@ -381,7 +345,7 @@ static inline void update_usual(float *p, const float *gr, float *m, int64_t lo,
 #pragma omp simd
     for (int64_t i = lo; i < hi; ++i) {
         const float d = gr[i] - m[i];
-        const float u = fast_atanf(fmaf(w1, d, m[i]) * alpha) * two_over_pi;
+        const float u = rlion_atanf(fmaf(w1, d, m[i]) * alpha) * two_over_pi;
         p[i] = fmaf(u, neg_lr, p[i]);
         m[i] = fmaf(w2, d, m[i]);
     }
@@ -395,7 +359,7 @@ static inline void update_decayed(float *p, const float *gr, float *m, int64_t l
     for (int64_t i = lo; i < hi; ++i) {
         const float g = gr[i] * grad_sign;
         const float d = g - m[i];
-        const float u = fast_atanf(fmaf(w1, d, m[i]) * alpha) * two_over_pi;
+        const float u = rlion_atanf(fmaf(w1, d, m[i]) * alpha) * two_over_pi;
         p[i] = fmaf(u, neg_lr, p[i] * decay_factor);
         m[i] = fmaf(w2, d, m[i]);
     }
@@ -412,7 +376,7 @@ static inline void update_general(float *p, const float *gr, float *m, int64_t l
         const float g = gr[i] * grad_sign;
         const float d = g - m[i];
         const float c = (small1 ? fmaf(w1, d, m[i]) : fmaf(w1_minus_1, d, g)) / divisor;
-        const float u = fast_atanf(c * alpha) * two_over_pi;
+        const float u = rlion_atanf(c * alpha) * two_over_pi;
         p[i] = fmaf(u, neg_lr, p[i] * decay_factor);
         m[i] = small2 ? fmaf(w2, d, m[i]) : fmaf(w2_minus_1, d, g);
     }
@@ -636,7 +600,7 @@ static int64_t take_whole(int64_t *counter, const int64_t *whole, int64_t n_whol
  * is what makes the update's second read of g (and the codes) come from cache, instead of a
  * separate pass over every gradient before the step.
  *
- * Work split, as in the fp32 kernel (_rlion_kernel.c): tensors below split_numel are each done by
+ * Work split, as in the fp32 kernel (rlion_cpu.c): tensors below split_numel are each done by
  * one thread from start to end (read pass, then update, both forwards: the hardware prefetchers
  * follow ascending streams, and an update walking backwards from where the read pass ended was 3 %
  * slower), handed out dynamically (take_whole: each thread claims its next tensor when it starts one)
@@ -771,7 +735,7 @@ void rlion8bit_table_index(const float *v, int32_t *out, int64_t n) {
 /* arctan alone, for the accuracy test against torch.atan. */
 void rlion8bit_atan_f32(const float *x, float *out, int64_t n) {
     for (int64_t i = 0; i < n; ++i)
-        out[i] = fast_atanf(x[i]);
+        out[i] = rlion_atanf(x[i]);
 }
 
 /* The exported functions' prototypes (i32/i64 integers, f32 floats, p any pointer), which

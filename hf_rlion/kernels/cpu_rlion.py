@@ -1,8 +1,8 @@
 r"""The fused CPU RLion step: one C kernel call per param group, one memory pass per tensor.
 
 :class:`hf_rlion.RLion` picks this path by default for CPU parameters (``fused=None``) and on
-request (``fused=True``). The kernel (``hf_rlion/_rlion_kernel.c``, built by
-:mod:`hf_rlion.native`) does the whole update in a single pass per tensor, element-wise::
+request (``fused=True``). The kernel (``hf_rlion/kernels/rlion_cpu.c``, built by
+:mod:`hf_rlion.kernels.native`) does the whole update in a single pass per tensor, element-wise::
 
     c = lerp(m, g, 1 - β1);   u = atan(k · c);   θ ← θ·(1 − η λ) − η (2/π) u;   m ← lerp(m, g, 1 − β2)
 
@@ -21,14 +21,15 @@ tensor-sized temporaries. On one core it is compute-bound (the arctan): see docs
 
 Supported: CPU tensors, parameters float32, bfloat16 or float16 with a gradient of the same
 dtype and float32 momentum (the state policy of :class:`~hf_rlion.RLion`). Tensors outside that
-(non-contiguous, another dtype) are updated by the reference path in the same call.
+(non-contiguous, another dtype: :func:`kernel_eligible` is false) are refused here; RLion's dispatch
+(``hf_rlion.rlion._fused_cpu_rlion``) sends them to its reference path in the same step.
 The kernel uses ``torch.get_num_threads()`` threads.
 """
 
 from __future__ import annotations
 
 import ctypes
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -36,9 +37,12 @@ from torch import Tensor
 from . import native
 from .native import pointer_array
 
-__all__ = ["is_supported", "check_supported", "fused_rlion", "atan", "finite_mask", "kernel_available"]
+__all__ = [
+    "is_supported", "check_supported", "kernel_eligible", "fused_rlion", "fused_rlion_eligible", "atan", "finite_mask",
+    "kernel_available",
+]  # fmt: skip
 
-_KERNEL_SOURCE = "_rlion_kernel.c"
+_KERNEL_SOURCE = "rlion_cpu.c"
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 #: A tensor with fewer elements than this is read (RMS reduction, NaN/inf check) and updated by one
@@ -135,7 +139,8 @@ def check_supported(params: list[Tensor]) -> None:
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
-def _kernel_eligible(p: Tensor, g: Tensor, m: Tensor) -> bool:
+def kernel_eligible(p: Tensor, g: Tensor, m: Tensor) -> bool:
+    """Whether :func:`fused_rlion` takes this (parameter, gradient, momentum) triple."""
     # checked for every tensor at every step: cheap attributes first (is_cpu, not device.type)
     return (
         type(p) in _PLAIN_TYPES
@@ -181,7 +186,7 @@ def increment_step_pointers(pointers: ctypes.Array) -> ctypes.Array:
 
 def split_numel(numels: list[int], threads: int) -> int:
     """Tensors below this many elements are read and updated by one thread each, larger ones split
-    across the threads (both kernels, ``_rlion_kernel.c`` and ``_rlion8bit_kernel.c``)."""
+    across the threads (both kernels, ``rlion_cpu.c`` and ``rlion8bit_cpu.c``)."""
     if threads <= 1:
         return 1 << 62  # one thread: never split, never synchronise
     return max(RMS_SPLIT_MIN_NUMEL, sum(numels) // (4 * threads))
@@ -205,6 +210,7 @@ def fused_rlion(
 ) -> list[int]:
     """One RLion step, in place, for every tensor: the contract of ``_single_tensor_rlion``.
 
+    Every triple must be :func:`kernel_eligible` (``ValueError`` otherwise).
     ``steps[i]`` is tensor i's step count after incrementing (used for bias correction).
     With ``check_finite=False`` gradients must be finite (``RLion.step`` drops tensors with
     NaN/inf gradients first). With ``check_finite=True`` this function applies the policy itself:
@@ -212,58 +218,56 @@ def fused_rlion(
     indices of those tensors (the kernel checks each tensor right before updating it, while its
     gradient is in cache: cheaper than a separate pass over every gradient).
     """
+    if not all(kernel_eligible(p, g, m) for p, g, m in zip(params, grads, exp_avgs)):
+        raise ValueError(
+            "fused_rlion: every tensor must be kernel_eligible (plain contiguous CPU tensors, float32/bfloat16/"
+            "float16 parameters with gradients of their dtype, float32 momentum of their shape)"
+        )
+    return fused_rlion_eligible(
+        params, grads, exp_avgs, steps, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, alpha=alpha,
+        alpha_scaling=alpha_scaling, bias_correction=bias_correction, maximize=maximize, check_finite=check_finite,
+    )  # fmt: skip
+
+
+def fused_rlion_eligible(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    steps: list[int],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    alpha: float,
+    alpha_scaling: str,
+    bias_correction: bool,
+    maximize: bool,
+    check_finite: bool = False,
+) -> list[int]:
+    """:func:`fused_rlion` for tensors the caller has just found :func:`kernel_eligible` (RLion's
+    dispatch does, once per step): the kernel trusts them, another tensor is a memory error."""
     if alpha_scaling not in ("rms", "fixed"):
         raise ValueError(f"alpha_scaling must be one of ['rms', 'fixed'], got {alpha_scaling!r}")
     lib = _load()
     if lib is None:
         raise RuntimeError("RLion(fused=True): the C kernel is unavailable")
-    kernel, fallback = [], []
-    for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs)):
-        (kernel if _kernel_eligible(p, g, m) else fallback).append(i)
-    hyperparameters = dict(
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        weight_decay=weight_decay,
-        alpha=alpha,
-        alpha_scaling=alpha_scaling,
-        bias_correction=bias_correction,
-        maximize=maximize,
-    )
-    skipped: list[int] = []
-    if fallback and check_finite:
-        from ._optimizer_base import finite_gradient_mask
-
-        finite = finite_gradient_mask([grads[i] for i in fallback])
-        skipped = [i for i, ok in zip(fallback, finite) if not ok]
-        fallback = [i for i, ok in zip(fallback, finite) if ok]
-    if fallback:
-        from .rlion import _single_tensor_rlion
-
-        _single_tensor_rlion(
-            [params[i] for i in fallback],
-            [grads[i] for i in fallback],
-            [exp_avgs[i] for i in fallback],
-            [steps[i] for i in fallback],
-            **hyperparameters,
-        )
-    if not kernel:
-        return sorted(skipped)
-    n = len(kernel)
-    ps = [params[i] for i in kernel]
+    if not params:
+        return []
+    n = len(params)
     inv_bias_correction = (ctypes.c_double * n)(
-        *[1.0 / (1.0 - beta1 ** steps[i]) if bias_correction else 1.0 for i in kernel]
+        *[1.0 / (1.0 - beta1**step) if bias_correction else 1.0 for step in steps]
     )
-    numel_list = [p.numel() for p in ps]
+    numel_list = [p.numel() for p in params]
     numels = (ctypes.c_int64 * n)(*numel_list)
     threads = torch.get_num_threads()
-    dtypes = (ctypes.c_int32 * n)(*[_DTYPE_CODES[p.dtype] for p in ps])
+    dtypes = (ctypes.c_int32 * n)(*[_DTYPE_CODES[p.dtype] for p in params])
     skipped_flags = (ctypes.c_int32 * n)()
     status = lib.rlion_step(
         n,
-        pointer_array(ps),
-        pointer_array([grads[i] for i in kernel]),
-        pointer_array([exp_avgs[i] for i in kernel]),
+        pointer_array(params),
+        pointer_array(grads),
+        pointer_array(exp_avgs),
         numels,
         dtypes,
         inv_bias_correction,
@@ -281,7 +285,7 @@ def fused_rlion(
     )
     if status != 0:
         raise MemoryError("fused RLion kernel: could not allocate its chunk table")
-    return sorted(skipped + [i for i, flag in zip(kernel, skipped_flags) if flag])
+    return [i for i, flag in enumerate(skipped_flags) if flag]
 
 
 def atan(x: Tensor) -> Tensor:
@@ -302,14 +306,13 @@ def atan(x: Tensor) -> Tensor:
     return out
 
 
-def finite_mask(grads: list[Tensor]) -> list[bool]:
+def finite_mask(grads: list[Tensor], fallback: Callable[[list[Tensor]], list[bool]]) -> list[bool]:
     """For each gradient, whether every element is finite: one read pass in C, no temporaries.
 
-    Same answer as :func:`hf_rlion._optimizer_base.finite_gradient_mask`; CPU float32/bfloat16/
-    float16 contiguous tensors go through the kernel, any other through that function.
+    CPU float32/bfloat16/float16 contiguous plain tensors go through the kernel, any other through
+    ``fallback`` (the optimizers pass :func:`hf_rlion._optimizer_base.finite_gradient_mask`, which
+    gives the same answer).
     """
-    from ._optimizer_base import finite_gradient_mask
-
     lib = _load()
     fast = [
         i
@@ -324,7 +327,7 @@ def finite_mask(grads: list[Tensor]) -> list[bool]:
     fast_set = set(fast)
     slow = [i for i in range(len(grads)) if i not in fast_set]
     if slow:
-        for i, ok in zip(slow, finite_gradient_mask([grads[i] for i in slow])):
+        for i, ok in zip(slow, fallback([grads[i] for i in slow])):
             mask[i] = ok
     if fast:
         n = len(fast)

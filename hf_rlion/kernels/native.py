@@ -1,13 +1,13 @@
 """Build, verify and load the package's small C kernels (CPU fast paths) with the system C compiler.
 
-A kernel is one C file shipped inside ``hf_rlion/``. On first use it is compiled with
-``cc -O3 -march=native -fopenmp`` into a cache directory (``$HF_RLION_CACHE``, default
-``~/.cache/hf_rlion``) and loaded with ``ctypes``; later processes load the cached library
-(about a millisecond, no subprocess).
+A kernel is one C file shipped inside ``hf_rlion/kernels/`` (with the headers it includes, ``*.h``
+in the same folder). On first use it is compiled with ``cc -O3 -march=native -fopenmp -I <that folder>``
+into a cache directory (``$HF_RLION_CACHE``, default ``~/.cache/hf_rlion``) and loaded with
+``ctypes``; later processes load the cached library (about a millisecond, no subprocess).
 
 Cache layout, for a kernel ``<stem>.c`` and its cache key ``K`` (:func:`cache_key`: SHA-256 of the
-source, the compiler flags, the compiler binary's path, size and mtime, and the CPU's feature
-flags):
+source and the headers beside it, the compiler flags, the compiler binary's path, size and mtime,
+and the CPU's feature flags):
 
 - ``<stem>-K[:16]-D[:16].so``: the library, named after ``D``, the SHA-256 of its own bytes;
 - ``<stem>-K[:16].json``: its record, ``{"key": K, "sha256": D}``, written when it was built.
@@ -160,10 +160,18 @@ def _cpu_id() -> str:
     return "; ".join([machine] + [f"{name}: {fields[name]}" for name in _CPU_FIELDS if name in fields])
 
 
+def headers(source: Path) -> list[Path]:
+    """The headers a kernel may include: every ``*.h`` beside its source (compiled with ``-I`` that folder)."""
+    return sorted(source.parent.glob("*.h"))
+
+
 def cache_key(source: Path, compiler: str) -> str:
-    """SHA-256 (hex) of the source, the flags, the compiler's identity and the CPU's identity."""
+    """SHA-256 (hex) of the source and its :func:`headers` (names and contents), the flags, the
+    compiler's identity and the CPU's identity."""
     key = hashlib.sha256()
-    for part in (source.read_bytes(), " ".join(_FLAGS).encode(), _compiler_id(compiler).encode(), _cpu_id().encode()):
+    included = [part for header in headers(source) for part in (header.name.encode(), header.read_bytes())]
+    identity = (" ".join(_FLAGS).encode(), _compiler_id(compiler).encode(), _cpu_id().encode())
+    for part in (source.read_bytes(), *included, *identity):
         key.update(len(part).to_bytes(8, "little"))
         key.update(part)
     return key.hexdigest()
@@ -337,7 +345,7 @@ def _build(directory: Path, source: Path, compiler: str, key: str) -> None:
     record_tmp = None
     try:
         result = subprocess.run(
-            [compiler, *_FLAGS, str(source), "-o", library_tmp, "-lm"],
+            [compiler, *_FLAGS, "-I", str(source.parent), str(source), "-o", library_tmp, "-lm"],
             capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_SECONDS,
         )
         if result.returncode != 0:
@@ -441,7 +449,7 @@ def _abi_mismatch(library: ctypes.CDLL, functions: Declarations, signature_funct
 
 
 def load(source_name: str, functions: Declarations, signature_function: str) -> Optional[ctypes.CDLL]:
-    """The verified library for ``hf_rlion/<source_name>`` with ``functions`` declared, or ``None``.
+    """The verified library for ``hf_rlion/kernels/<source_name>`` with ``functions`` declared, or ``None``.
 
     ``signature_function`` names the kernel's exported ``const char *f(void)`` that lists the
     prototypes of its functions, separated by ";", in the format of :func:`signature`; the library
