@@ -168,7 +168,7 @@ def _fused_cpu_rlion(
     check_finite: bool = False,
     **hyperparameters: Any,
 ) -> list[int]:
-    """The fused CPU path: the C kernel (:func:`hf_rlion.kernels.cpu_rlion.fused_rlion_eligible`) for
+    """The fused CPU path: the C kernel (:func:`hf_rlion.kernels.cpu_rlion.fused_rlion`) for
     the tensors it takes, :func:`_single_tensor_rlion` for the others (non-contiguous, another dtype),
     in the same call.
 
@@ -178,7 +178,7 @@ def _fused_cpu_rlion(
     cpu_rlion = _fused_cpu()
     eligible = [cpu_rlion.kernel_eligible(p, g, m) for p, g, m in zip(params, grads, exp_avgs)]
     if all(eligible):
-        return cpu_rlion.fused_rlion_eligible(
+        return cpu_rlion.fused_rlion(
             params, grads, exp_avgs, steps, check_finite=check_finite, **hyperparameters
         )
     kernel = [i for i, ok in enumerate(eligible) if ok]
@@ -197,7 +197,7 @@ def _fused_cpu_rlion(
             **hyperparameters,
         )
     if kernel:
-        skipped_in_kernel = cpu_rlion.fused_rlion_eligible(
+        skipped_in_kernel = cpu_rlion.fused_rlion(
             [params[i] for i in kernel], [grads[i] for i in kernel], [exp_avgs[i] for i in kernel],
             [steps[i] for i in kernel], check_finite=check_finite, **hyperparameters,
         )  # fmt: skip

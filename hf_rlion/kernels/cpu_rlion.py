@@ -38,7 +38,7 @@ from . import native
 from .native import pointer_array
 
 __all__ = [
-    "is_supported", "check_supported", "kernel_eligible", "fused_rlion", "fused_rlion_eligible", "atan", "finite_mask",
+    "is_supported", "check_supported", "kernel_eligible", "fused_rlion", "atan", "finite_mask",
     "kernel_available",
 ]  # fmt: skip
 
@@ -218,35 +218,13 @@ def fused_rlion(
     indices of those tensors (the kernel checks each tensor right before updating it, while its
     gradient is in cache: cheaper than a separate pass over every gradient).
     """
+    if not len(params) == len(grads) == len(exp_avgs) == len(steps):
+        raise ValueError("fused_rlion: params, grads, exp_avgs and steps must have the same length")
     if not all(kernel_eligible(p, g, m) for p, g, m in zip(params, grads, exp_avgs)):
         raise ValueError(
             "fused_rlion: every tensor must be kernel_eligible (plain contiguous CPU tensors, float32/bfloat16/"
             "float16 parameters with gradients of their dtype, float32 momentum of their shape)"
         )
-    return fused_rlion_eligible(
-        params, grads, exp_avgs, steps, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, alpha=alpha,
-        alpha_scaling=alpha_scaling, bias_correction=bias_correction, maximize=maximize, check_finite=check_finite,
-    )  # fmt: skip
-
-
-def fused_rlion_eligible(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    steps: list[int],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
-    alpha: float,
-    alpha_scaling: str,
-    bias_correction: bool,
-    maximize: bool,
-    check_finite: bool = False,
-) -> list[int]:
-    """:func:`fused_rlion` for tensors the caller has just found :func:`kernel_eligible` (RLion's
-    dispatch does, once per step): the kernel trusts them, another tensor is a memory error."""
     if alpha_scaling not in ("rms", "fixed"):
         raise ValueError(f"alpha_scaling must be one of ['rms', 'fixed'], got {alpha_scaling!r}")
     lib = _load()
