@@ -61,6 +61,7 @@ from . import sharded8bit
 from ._optimizer_base import BLOCKSIZE, RLionBase, as_32bit_state, low_precision_dtypes, validate_hyperparameters
 from .kernels import cpu_rlion
 from .kernels.cpu_rlion8bit import (
+    check_8bit_state,
     _KernelTensors,
     _load_kernel,
     _run_kernel,

@@ -8,17 +8,16 @@ the same code path runs compiled kernels (``fused=None`` picks it there).
 
 from __future__ import annotations
 
-import concurrent.futures
 import copy
 import math
-import multiprocessing
-import os
 import warnings
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
+
+from _interpreter_worker import interpreter_worker  # noqa: E402
 
 from hf_rlion import RLion  # noqa: E402
 from hf_rlion.kernels import cpu_rlion, cpu_rlion8bit  # noqa: E402
@@ -31,19 +30,8 @@ GROUPS = [dict(lr=1e-2, weight_decay=0.0), dict(lr=3e-2, weight_decay=0.1, maxim
 @pytest.fixture(scope="module")
 def interpreter():
     """A worker process with Triton's interpreter on and the C kernels off; tests submit bodies to it."""
-    saved = {name: os.environ.get(name) for name in ("TRITON_INTERPRET", "HF_RLION_NATIVE")}
-    os.environ["TRITON_INTERPRET"], os.environ["HF_RLION_NATIVE"] = "1", "0"
-    try:
-        pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        pool.submit(_worker_ready).result(timeout=300)  # the worker starts now, with this environment
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-    with pool:
-        yield lambda body, *args: pool.submit(body, *args).result(timeout=300)
+    with interpreter_worker({"TRITON_INTERPRET": "1", "HF_RLION_NATIVE": "0"}, _worker_ready) as run:
+        yield run
 
 
 def _worker_ready() -> None:

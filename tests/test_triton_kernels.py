@@ -8,14 +8,14 @@ kernels are compiled instead: ``benchmarks/gpu_check.py`` checks them there.
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
-import multiprocessing
 import os
 
 import pytest
 
 pytest.importorskip("triton")
+
+from _interpreter_worker import interpreter_worker  # noqa: E402
 
 HYPERPARAMETERS = dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, alpha=3.0, bias_correction=True)
 
@@ -23,20 +23,8 @@ HYPERPARAMETERS = dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, alpha=3
 @pytest.fixture(scope="module")
 def interpreter():
     """A worker process whose triton runs kernels in the interpreter; tests submit their bodies to it."""
-    saved = {name: os.environ.get(name) for name in ("TRITON_INTERPRET", "HF_RLION_NATIVE")}
-    os.environ["TRITON_INTERPRET"] = "1"
-    os.environ.pop("HF_RLION_NATIVE", None)
-    try:
-        pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        pool.submit(_interpreter_on).result(timeout=300)  # the worker starts now, with this environment
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-    with pool:
-        yield lambda body, *args: pool.submit(body, *args).result(timeout=300)
+    with interpreter_worker({"TRITON_INTERPRET": "1", "HF_RLION_NATIVE": None}, _interpreter_on) as run:
+        yield run
 
 
 def _interpreter_on() -> None:
