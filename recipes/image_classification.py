@@ -12,13 +12,10 @@ Any transformers model type or timm architecture, from scratch or pretrained, on
         --config_overrides "architecture=fasternet_t0" --dataset_name timm/imagenet-1k-wds --image_size 224 \\
         --auto_augment rand-m9-mstd0.5 --mixup 0.8 --cutmix 1.0 --reprob 0.25 --label_smoothing_factor 0.1
 
-Structured as transformers' ``examples/pytorch/image-classification/run_image_classification.py``:
-``HfArgumentParser`` over :class:`ModelArguments`, :class:`DataTrainingArguments` and
-``TrainingArguments`` (or one ``.json``/``.yaml`` file of them), ``Trainer``, and the same output
-files (``all_results.json``, ``train_results.json``, ``eval_results.json``, ``trainer_state.json``,
-``checkpoint-*``) plus ``training_curves.png``. Defaults that differ from ``TrainingArguments``' are
-:data:`RECIPE_TRAINING_DEFAULTS` (``--optim rlion --learning_rate 1e-3``: RLion's own default, see
-docs/results.md); RLion's hyperparameters are the class defaults unless ``--optim_args`` says otherwise.
+Built like transformers' ``examples/pytorch/image-classification/run_image_classification.py``
+(``HfArgumentParser`` flags or one .json/.yaml file, ``Trainer``, its output files, plus
+``training_curves.png``). Defaults that differ from ``TrainingArguments``': :data:`RECIPE_TRAINING_DEFAULTS`
+(``--learning_rate 1e-3`` is RLion's own default, docs/results.md; RLion's hyperparameters are the class's).
 
 Transforms are ``torchvision.transforms.v2``; mean, std, interpolation and crop_pct come from the
 model's image processor (timm models: timm's data config of the architecture). Each training sample's
@@ -34,6 +31,7 @@ import logging
 import math
 import os
 import random
+import re
 import shlex
 import sys
 import time
@@ -53,15 +51,8 @@ import transformers
 import yaml
 from PIL import Image
 from torchvision.transforms import v2
-from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
-    AutoModelForImageClassification,
-    HfArgumentParser,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-)
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 logger = logging.getLogger("image_classification")
 
@@ -79,59 +70,57 @@ IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "jpeg", "png", "webp", "pixel_
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "cls", "fine_label", "class")
 
 
+def option(default: Any, help: str, **metadata) -> Any:
+    """A dataclass field that ``HfArgumentParser`` turns into ``--name`` with this help text."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
 @dataclass
 class ModelArguments:
     """Which model to train: a pretrained one (``--model_name_or_path``) or one from a config (``--model_type``)."""
 
-    model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Hub id (e.g. timm/...) or local directory; unset: from scratch."})
-    model_type: Optional[str] = field(
-        default=None,
-        metadata={"help": f"transformers model type to train from scratch (vit, convnext, timm_wrapper, ...). Default: {EMBEDDED_MODEL_TYPE!r}."},
+    model_name_or_path: Optional[str] = option(None, "Hub id (e.g. timm/...) or local directory; unset: from scratch.")
+    model_type: Optional[str] = option(
+        None, f"Model type to train from scratch (vit, convnext, timm_wrapper, ...; default {EMBEDDED_MODEL_TYPE!r})."
     )
-    config_overrides: Optional[str] = field(
-        default=None,
-        metadata={"help": 'key=value settings of the --model_type config, e.g. "architecture=fasternet_t0" or "depths=[1,1,1]".'},
+    config_overrides: Optional[str] = option(
+        None, 'key=value settings of the --model_type config: "architecture=fasternet_t0", "depths=[1,1,1]".'
     )
-    image_processor_name: Optional[str] = field(default=None, metadata={"help": "Image processor (Hub id or directory) if not the model's."})
-    image_size: Optional[int] = field(default=None, metadata={"help": "Input side in pixels (default: config, processor or timm data config)."})
-    model_revision: str = field(default="main", metadata={"help": "Model revision (branch, tag or commit)."})
-    token: Optional[str] = field(default=None, metadata={"help": "Hub token (default: HF_TOKEN / the stored login)."})
-    ignore_mismatched_sizes: bool = field(default=True, metadata={"help": "Replace a pretrained head with another number of labels."})
-    license: Optional[str] = field(default=None, metadata={"help": "License id for the pushed model card (default: the base model's)."})
+    image_processor_name: Optional[str] = option(None, "Image processor (Hub id or directory) if not the model's.")
+    image_size: Optional[int] = option(None, "Input side in pixels (default: config, processor or timm data config).")
+    model_revision: str = option("main", "Model revision (branch, tag or commit).")
+    token: Optional[str] = option(None, "Hub token (default: HF_TOKEN / the stored login).")
+    ignore_mismatched_sizes: bool = option(True, "Replace a pretrained head that has another number of labels.")
+    license: Optional[str] = option(None, "License id for the pushed model card (default: the base model's).")
 
 
 @dataclass
 class DataTrainingArguments:
     """Which data to train and evaluate on, and how to augment it."""
 
-    dataset_name: Optional[str] = field(
-        default=None, metadata={"help": f"datasets.load_dataset name or local path. Default: the embedded {EMBEDDED_DATASET!r}."}
+    dataset_name: Optional[str] = option(None, f"datasets name or local path (default: {EMBEDDED_DATASET!r}, embedded).")
+    dataset_config_name: Optional[str] = option(None, "Dataset configuration name.")
+    streaming: bool = option(False, "Stream the dataset (needs --max_steps).")
+    train_dir: Optional[str] = option(None, "Image folder for training: <dir>/<label>/<image>.")
+    validation_dir: Optional[str] = option(None, "Image folder for evaluation.")
+    train_split_name: str = option("train", "Name of the training split.")
+    eval_split_name: Optional[str] = option(None, "Evaluation split (default: validation, valid, val or test).")
+    train_val_split: float = option(0.15, "Fraction of train held out when there is no evaluation split.")
+    image_column_name: Optional[str] = option(None, f"Image column (default: first of {IMAGE_COLUMN_CANDIDATES}).")
+    label_column_name: Optional[str] = option(None, f"Label column (default: first of {LABEL_COLUMN_CANDIDATES}).")
+    num_labels: Optional[int] = option(None, "Number of classes (streamed data with plain integer labels).")
+    max_train_samples: Optional[int] = option(None, "Use at most this many training images.")
+    max_eval_samples: Optional[int] = option(None, "Use at most this many evaluation images.")
+    corrupt_images: str = option(
+        "error", "Unreadable images: 'error' (stop, naming the file) or 'skip' (drop, count).", choices=["error", "skip"]
     )
-    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Dataset configuration name."})
-    streaming: bool = field(default=False, metadata={"help": "Stream the dataset (needs --max_steps)."})
-    train_dir: Optional[str] = field(default=None, metadata={"help": "Image folder for training: <dir>/<label>/<img>."})
-    validation_dir: Optional[str] = field(default=None, metadata={"help": "Image folder for evaluation."})
-    train_split_name: str = field(default="train", metadata={"help": "Name of the training split."})
-    eval_split_name: Optional[str] = field(default=None, metadata={"help": "Evaluation split (default: validation, valid, val, test)."})
-    train_val_split: float = field(default=0.15, metadata={"help": "Fraction of train held out when there is no eval split."})
-    image_column_name: Optional[str] = field(default=None, metadata={"help": f"Image column (default: first of {IMAGE_COLUMN_CANDIDATES})."})
-    label_column_name: Optional[str] = field(default=None, metadata={"help": f"Label column (default: first of {LABEL_COLUMN_CANDIDATES})."})
-    num_labels: Optional[int] = field(default=None, metadata={"help": "Number of classes (streamed data with integer labels)."})
-    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many train images."})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many eval images."})
-    corrupt_images: str = field(
-        default="error",
-        metadata={"help": "Unreadable image files: 'error' (stop, naming the file) or 'skip' (drop and count them first).", "choices": ["error", "skip"]},
-    )
-    train_crop_scale: Optional[str] = field(default=None, metadata={"help": 'Random-resized-crop area "min,max" (default "0.08,1.0"; digits "0.6,1.0").'})
-    horizontal_flip: Optional[bool] = field(default=None, metadata={"help": "Random horizontal flips (default: on; off for the digits)."})
-    eval_crop_pct: Optional[float] = field(default=None, metadata={"help": "Eval: resize to image_size/crop_pct, center crop (default: the model's)."})
-    auto_augment: Optional[str] = field(
-        default=None, metadata={"help": 'timm train.py style: "rand-m9-n2" (RandAugment, magnitude 9, 2 ops), "trivial" (TrivialAugmentWide) or "none".'}
-    )
-    mixup: float = field(default=0.0, metadata={"help": "Mixup alpha (0: off). With --cutmix, each batch picks one of the two."})
-    cutmix: float = field(default=0.0, metadata={"help": "CutMix alpha (0: off)."})
-    reprob: float = field(default=0.0, metadata={"help": "Random-erasing probability per image (timm's --reprob)."})
+    train_crop_scale: Optional[str] = option(None, 'Random-resized-crop area "min,max" (default "0.08,1.0"; digits "0.6,1.0").')
+    horizontal_flip: Optional[bool] = option(None, "Random horizontal flips (default: on; off for the digits).")
+    eval_crop_pct: Optional[float] = option(None, "Eval: resize to image_size/crop_pct, center crop (default: the model's).")
+    auto_augment: Optional[str] = option(None, 'As timm train.py: "rand-m9-n2" (RandAugment), "trivial" or "none".')
+    mixup: float = option(0.0, "Mixup alpha (0: off). With --cutmix too, each batch gets one of the two.")
+    cutmix: float = option(0.0, "CutMix alpha (0: off).")
+    reprob: float = option(0.0, "Random-erasing probability per image (timm's --reprob).")
 
     def __post_init__(self):
         if self.dataset_name is not None and (self.train_dir is not None or self.validation_dir is not None):
@@ -145,10 +134,6 @@ class DataTrainingArguments:
     def embedded(self) -> bool:
         return self.dataset_name in (None, EMBEDDED_DATASET) and self.train_dir is None and self.validation_dir is None
 
-
-# ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
 
 
 def check_image_dir(path: str, flag: str) -> None:
@@ -280,10 +265,6 @@ def first(dataset, n: Optional[int]):
     return dataset.take(n) if isinstance(dataset, datasets.IterableDataset) else dataset.select(range(min(n, len(dataset))))
 
 
-# ---------------------------------------------------------------------------------------------
-# Model
-# ---------------------------------------------------------------------------------------------
-
 
 def config_from_overrides(model_type: str, text: Optional[str]):
     """A fresh config of ``model_type`` with the ``--config_overrides`` ``key=value,...`` applied.
@@ -400,10 +381,6 @@ def record_preprocessing(model, processor, prep: Preprocessing):
     return processor
 
 
-# ---------------------------------------------------------------------------------------------
-# Augmentation, seeded per sample
-# ---------------------------------------------------------------------------------------------
-
 
 def auto_augment(text: Optional[str]) -> list:
     """``--auto_augment`` as torchvision v2 transforms: ``rand-m<M>[-n<N>]``, ``trivial``, ``none``.
@@ -417,7 +394,7 @@ def auto_augment(text: Optional[str]) -> list:
     parts = text.lower().split("-")
     if parts[0] != "rand":
         raise ValueError(f'--auto_augment {text!r}: expected "rand-m<M>[-n<N>]", "trivial" or "none"')
-    options = {p[0]: p[1:] for p in parts[1:] if p}
+    options = dict(re.fullmatch(r"([a-z]*)(.*)", p).groups() for p in parts[1:] if p)
     if set(options) - {"m", "n"}:
         logger.warning("--auto_augment %s: ignoring %s (no torchvision equivalent)", text, sorted(set(options) - {"m", "n"}))
     return [v2.RandAugment(num_ops=int(options.get("n", 2)), magnitude=int(float(options.get("m", 9))))]
@@ -539,10 +516,6 @@ def soft_target_cross_entropy(label_smoothing: float):
     return loss
 
 
-# ---------------------------------------------------------------------------------------------
-# Metrics
-# ---------------------------------------------------------------------------------------------
-
 
 def top5_class_ids(logits, labels=None):
     """``preprocess_logits_for_metrics``: each sample's 5 best class ids (less to gather across ranks)."""
@@ -559,10 +532,6 @@ def compute_metrics(prediction) -> dict[str, float]:
         metrics["top5_accuracy"] = float(hits.any(axis=1).mean())
     return metrics
 
-
-# ---------------------------------------------------------------------------------------------
-# Main
-# ---------------------------------------------------------------------------------------------
 
 
 def parse_arguments(argv: Optional[list[str]] = None):
