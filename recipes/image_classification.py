@@ -373,13 +373,13 @@ def record_preprocessing(model, processor, prep: Preprocessing):
         cfg = {**processor.data_config, "input_size": (3, prep.image_size, prep.image_size), "crop_pct": prep.crop_pct}
         model.config.pretrained_cfg = {**(getattr(model.config, "pretrained_cfg", None) or {}), **cfg}
         return transformers.TimmWrapperImageProcessor(pretrained_cfg=cfg, architecture=getattr(model.config, "architecture", None))
-    processor.size = {"height": prep.image_size, "width": prep.image_size}
-    if hasattr(processor, "crop_size"):
+    shortest_edge = getattr(processor.size, "shortest_edge", None) and not getattr(processor, "crop_size", None)
+    processor.size = {"shortest_edge": prep.image_size} if shortest_edge else {"height": prep.image_size, "width": prep.image_size}
+    if getattr(processor, "crop_size", None) is not None:
         processor.crop_size = {"height": prep.image_size, "width": prep.image_size}
     if hasattr(processor, "crop_pct"):
         processor.crop_pct = prep.crop_pct
     return processor
-
 
 
 def auto_augment(text: Optional[str]) -> list:
