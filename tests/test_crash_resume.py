@@ -28,6 +28,8 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from _caltech_fixture import write_caltech_fixture  # noqa: E402
 
+from hf_rlion.complete_checkpoints import complete_checkpoints  # noqa: E402
+
 CLASSIFICATION = REPO / "recipes" / "image_classification.py"
 DETECTION = REPO / "recipes" / "vit_detection_caltech101.py"
 
@@ -86,22 +88,28 @@ TINY_VIT = [
 ]  # fmt: skip
 
 
+# Every augmentation the recipe has, each drawn from per-sample (and, for mixup/cutmix, per-batch) seeds.
+AUGMENTED = [
+    "--auto_augment", "rand-m9-mstd0.5", "--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.25",
+    "--label_smoothing_factor", "0.1",
+]  # fmt: skip
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("optim,model", [("rlion", "resnet"), ("rlion_8bit", "resnet"), ("rlion", "vit")])
+@pytest.mark.parametrize("optim,model", [("rlion", "resnet"), ("rlion_8bit", "resnet"), ("rlion", "vit"), ("rlion", "augmented")])
 def test_classification_recipe_killed_and_resumed(optim, model, tmp_path):
     if optim == "rlion_8bit":
         pytest.importorskip("bitsandbytes")
-    recipe = _load(CLASSIFICATION)
     common = [
         sys.executable, str(CLASSIFICATION), "--optim", optim, "--max_train_samples", "192", "--max_eval_samples", "32",
         "--per_device_train_batch_size", "16", "--num_train_epochs", "3", "--save_strategy", "steps", "--save_steps", "4",
         "--save_total_limit", "2", "--eval_strategy", "no", "--lr_scheduler_type", "cosine", "--warmup_steps", "3",
         "--dataloader_num_workers", "0", "--seed", "11", "--logging_steps", "50",
-    ] + (TINY_VIT if model == "vit" else [])  # fmt: skip
+    ] + {"vit": TINY_VIT, "augmented": AUGMENTED}.get(model, [])  # fmt: skip
     _run(common + ["--output_dir", str(tmp_path / "straight")], tmp_path)
     crashed = tmp_path / "crashed"
-    delay = random.Random(f"classification-{optim}").uniform(0.0, 1.0)
-    _run_and_kill(common + ["--output_dir", str(crashed)], tmp_path, lambda d: recipe.complete_checkpoints(str(d)), crashed, delay)
+    delay = random.Random(f"classification-{optim}" + ("-augmented" if model == "augmented" else "")).uniform(0.0, 1.0)
+    _run_and_kill(common + ["--output_dir", str(crashed)], tmp_path, complete_checkpoints, crashed, delay)
     resumed = _run(common + ["--output_dir", str(crashed), "--resume_from_checkpoint", "last"], tmp_path)
     assert f"Loading model from {crashed}{os.sep}checkpoint-" in resumed.stderr + resumed.stdout
     _assert_same_weights(tmp_path / "straight" / "model.safetensors", crashed / "model.safetensors")
