@@ -284,7 +284,9 @@ def config_from_overrides(model_type: str, text: Optional[str]):
     if unknown:
         raise ValueError(f"--config_overrides: {config_class.__name__} has no attribute {unknown[0]!r}")
     config = config_class(**{k: v for k, v in values.items() if not isinstance(v, str)})
-    config.update_from_string(",".join(f"{k}={v}" for k, v in values.items() if isinstance(v, str)))
+    strings = ",".join(f"{k}={v}" for k, v in values.items() if isinstance(v, str))
+    if strings:
+        config.update_from_string(strings)
     return config
 
 
@@ -717,49 +719,29 @@ def dataset_label(data_args: DataTrainingArguments) -> str:
     return EMBEDDED_DATASET if data_args.embedded else data_args.dataset_name or "imagefolder"
 
 
-def without_secrets(args: list[str]) -> list[str]:
-    """The command line minus ``--hub_token``/``--token`` and their values."""
-    out, skip = [], False
-    for arg in args:
-        if not skip and arg not in ("--hub_token", "--token") and not arg.startswith(("--hub_token=", "--token=")):
-            out.append(arg)
-        skip = arg in ("--hub_token", "--token") and not skip
-    return out
-
-
 def push_model(trainer: Trainer, model_args, data_args, eval_metrics, argv) -> str:
-    """Upload ``--output_dir`` (no checkpoints) with an RLion model card (``hf_rlion.hub``); returns the repo URL.
-
-    The card's optimizer hyperparameters are those the optimizer was built with, class defaults included.
-    """
+    """Upload ``--output_dir`` (no checkpoints) with an RLion model card (``hf_rlion.hub``, which also redacts
+    tokens from the command); returns the repo URL. The card's optimizer hyperparameters are those the
+    optimizer was built with, class defaults included."""
     from hf_rlion import hub
 
     args = trainer.args
     repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
     optim_name = getattr(args.optim, "value", args.optim)
     metrics = {k: float(v) for k, v in eval_metrics.items() if k.endswith("accuracy")}
-    command = "accelerate launch recipes/image_classification.py " + shlex.join(without_secrets(list(sys.argv[1:] if argv is None else argv)))
+    command = "accelerate launch recipes/image_classification.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     processor = trainer.processing_class
-    curves = os.path.isfile(os.path.join(args.output_dir, "training_curves.png"))
+    curves = "training_curves.png" if os.path.isfile(os.path.join(args.output_dir, "training_curves.png")) else None
     card = hub.build_model_card(
-        model_name=repo_id.split("/")[-1],
-        task="image-classification",
-        dataset_name=dataset_label(data_args),
-        dataset_config=data_args.dataset_config_name,
-        metrics=metrics,
-        optimizer=optim_name,
+        model_name=repo_id.split("/")[-1], task="image-classification", dataset_name=dataset_label(data_args),
+        dataset_config=data_args.dataset_config_name, metrics=metrics, optimizer=optim_name,
         optimizer_hyperparameters=hub.optimizer_hyperparameters(trainer.optimizer),
-        training_hyperparameters=hub.training_hyperparameters(args),
-        reproduce_command=command,
-        base_model=model_args.model_name_or_path,
-        repo_id=repo_id,
-        tags=["image-classification"],
+        training_hyperparameters=hub.training_hyperparameters(args), reproduce_command=command,
+        base_model=model_args.model_name_or_path, repo_id=repo_id, tags=["image-classification"],
         license=model_args.license or hub.base_model_license(model_args.model_name_or_path, token=model_args.token),
-        num_parameters=trainer.model.num_parameters(),
+        num_parameters=trainer.model.num_parameters(), log_history=trainer.state.log_history, training_curves=curves,
         preprocessing=hub.image_preprocessing(getattr(processor, "data_config", None) or processor),
-        log_history=trainer.state.log_history,
-        training_curves="training_curves.png" if curves else None,
-    )
+    )  # fmt: skip
     accuracy = metrics.get("eval_accuracy", float("nan"))
     url = hub.push_folder_to_hub(
         args.output_dir, repo_id, card=card, token=model_args.token, private=args.hub_private_repo,
