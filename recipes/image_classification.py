@@ -156,9 +156,9 @@ def load_raw_datasets(data_args: DataTrainingArguments, token: Optional[str]):
     if data_args.train_dir is None:
         raise ValueError("--validation_dir needs --train_dir as well (the recipe trains)")
     data_files = {}
-    for split, folder, flag in (("train", data_args.train_dir, "--train_dir"), ("validation", data_args.validation_dir, "--validation_dir")):
+    for split, folder in (("train", data_args.train_dir), ("validation", data_args.validation_dir)):
         if folder is not None:
-            check_image_dir(folder, flag)
+            check_image_dir(folder, "--train_dir" if split == "train" else "--validation_dir")
             data_files[split] = os.path.join(folder, "**")
     return datasets.load_dataset("imagefolder", data_files=data_files, streaming=data_args.streaming)
 
@@ -319,8 +319,8 @@ def build_model_and_processor(model_args: ModelArguments, labels: list[str]):
     model_type = model_args.model_type or EMBEDDED_MODEL_TYPE
     if model_type not in transformers.CONFIG_MAPPING:
         raise ValueError(f"--model_type {model_type!r} is not a transformers model type")
-    overrides = EMBEDDED_CONFIG_OVERRIDES if model_args.model_type is None and model_args.config_overrides is None else model_args.config_overrides
-    config = config_from_overrides(model_type, overrides)
+    embedded = model_args.model_type is None and model_args.config_overrides is None
+    config = config_from_overrides(model_type, EMBEDDED_CONFIG_OVERRIDES if embedded else model_args.config_overrides)
     for key, value in label_kwargs.items():
         setattr(config, key, value)
     try:
@@ -352,15 +352,16 @@ def model_preprocessing(model_args: ModelArguments, data_args: DataTrainingArgum
 
     Image size: ``--image_size``, else the config's ``image_size``, else the processor's crop or size.
     """
-    timm_config = getattr(processor, "data_config", None)
-    if timm_config is not None:
-        found = Preprocessing(timm_config["input_size"][-1], timm_config["mean"], timm_config["std"], timm_config["interpolation"], timm_config["crop_pct"])
+    timm = getattr(processor, "data_config", None)
+    if timm is not None:
+        found = Preprocessing(timm["input_size"][-1], timm["mean"], timm["std"], timm["interpolation"], timm["crop_pct"])
     else:
         sizes = [getattr(config, "image_size", None)] + [
-            (s or {}).get(k) for s in (getattr(processor, "crop_size", None), getattr(processor, "size", None)) for k in ("height", "shortest_edge")
+            (s or {}).get(k) for s in (getattr(processor, "crop_size", None), processor.size) for k in ("height", "shortest_edge")
         ]
         size = next((s[0] if isinstance(s, (list, tuple)) else s for s in sizes if s), 224)
-        found = Preprocessing(int(size), processor.image_mean or (0.5,) * 3, processor.image_std or (0.5,) * 3, crop_pct=getattr(processor, "crop_pct", None) or 1.0)
+        mean, std = processor.image_mean or (0.5,) * 3, processor.image_std or (0.5,) * 3
+        found = Preprocessing(int(size), mean, std, crop_pct=getattr(processor, "crop_pct", None) or 1.0)
     if data_args.embedded:  # 32x32 digits: no center crop; from scratch, train at their own size
         found.crop_pct = 1.0
         found.image_size = DIGITS_IMAGE_SIZE if model_args.model_name_or_path is None else found.image_size
@@ -650,7 +651,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
         callbacks=[MarkCompleteCheckpoints(), epoch, ImagesPerSecond()],
     )
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not getattr(trainer, "is_fsdp_enabled", False):
-        logger.warning("an FSDP config was given but accelerate applies FSDP only on accelerators; training runs as %s", parallelism(trainer))
+        logger.warning("FSDP config given, but accelerate applies FSDP only on accelerators: training runs as %s", parallelism(trainer))
     train_metrics = dict(trainer.train(resume_from_checkpoint=checkpoint).metrics)
     trainer.save_model()
     eval_metrics = trainer.evaluate()
@@ -675,9 +676,10 @@ def report(trainer, data_args, eval_metrics, labels, push_to_hub, model_args, ar
     summary = f"eval_accuracy = {eval_metrics['eval_accuracy']:.4f}"
     if "eval_top5_accuracy" in eval_metrics:
         summary += f", eval_top5_accuracy = {eval_metrics['eval_top5_accuracy']:.4f}"
-    print(f"[image_classification] {summary} ({len(labels)} classes, {args.world_size} process(es), {parallelism(trainer)}, output in {args.output_dir})")
-    optim = getattr(args.optim, "value", args.optim)
-    plot_training_curves(trainer.state.log_history, os.path.join(args.output_dir, "training_curves.png"), f"{dataset_label(data_args)}, --optim {optim}")
+    where = f"{args.world_size} process(es), {parallelism(trainer)}, output in {args.output_dir}"
+    print(f"[image_classification] {summary} ({len(labels)} classes, {where})")
+    title = f"{dataset_label(data_args)}, --optim {getattr(args.optim, 'value', args.optim)}"
+    plot_training_curves(trainer.state.log_history, os.path.join(args.output_dir, "training_curves.png"), title)
     if push_to_hub:
         push_model(trainer, model_args, data_args, eval_metrics, argv)
 
