@@ -24,7 +24,7 @@ Tasks (all data is generated or ships inside a package; nothing is downloaded):
     bottom 1/4; a small CNN; metric: test accuracy.
 ``recipe_digits``
     the embedded default of ``recipes/image_classification.py`` (its digits dataset at 32×32
-    and its tiny transformers ResNet, built with the recipe's own functions), trained by this
+    and its tiny transformers ResNet, from ``hf_rlion.digits`` as the recipe builds them), trained by this
     script's loop without the recipe's augmentation; metric: validation accuracy.
 ``recipe_caltech``
     the data path of ``recipes/vit_detection_caltech101.py`` on a generated Caltech-layout set
