@@ -350,7 +350,8 @@ class Preprocessing:
 def model_preprocessing(model_args: ModelArguments, data_args: DataTrainingArguments, config, processor) -> Preprocessing:
     """Read :class:`Preprocessing` off the image processor (timm: its data config), then apply the flags.
 
-    Image size: ``--image_size``, else the config's ``image_size``, else the processor's crop or size.
+    Image size: ``--image_size``, else 32 for the embedded ResNet or a model from scratch on the digits, else
+    the config's ``image_size``, else the processor's crop or size.
     """
     timm = getattr(processor, "data_config", None)
     if timm is not None:
@@ -362,9 +363,10 @@ def model_preprocessing(model_args: ModelArguments, data_args: DataTrainingArgum
         size = next((s[0] if isinstance(s, (list, tuple)) else s for s in sizes if s), 224)
         mean, std = processor.image_mean or (0.5,) * 3, processor.image_std or (0.5,) * 3
         found = Preprocessing(int(size), mean, std, crop_pct=getattr(processor, "crop_pct", None) or 1.0)
-    if data_args.embedded:  # 32x32 digits: no center crop; from scratch, train at their own size
+    if model_args.model_name_or_path is None and (model_args.model_type is None or data_args.embedded):
+        found.image_size = DIGITS_IMAGE_SIZE  # the embedded tiny ResNet, or a model from scratch on the 32x32 digits
+    if data_args.embedded:
         found.crop_pct = 1.0
-        found.image_size = DIGITS_IMAGE_SIZE if model_args.model_name_or_path is None else found.image_size
     found.image_size = model_args.image_size or found.image_size
     found.crop_pct = data_args.eval_crop_pct or found.crop_pct
     return found
