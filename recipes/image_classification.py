@@ -656,6 +656,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
         logger.warning("FSDP config given, but accelerate applies FSDP only on accelerators: training runs as %s", parallelism(trainer))
     train_metrics = dict(trainer.train(resume_from_checkpoint=checkpoint).metrics)
     trainer.save_model()
+    trainer.save_state()
     eval_metrics = trainer.evaluate()
     for split, metrics, dataset in (("train", train_metrics, train_ds), ("eval", eval_metrics, eval_ds)):
         if not data_args.streaming:
@@ -664,8 +665,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
             metrics[f"{split}_skipped_images"] = skipped[split]
         trainer.log_metrics(split, metrics)
         trainer.save_metrics(split, metrics)
-        if split == "train":
-            trainer.save_state()
     if trainer.is_world_process_zero():
         report(trainer, data_args, eval_metrics, labels, push_to_hub, model_args, argv)
     training_args.push_to_hub = push_to_hub
