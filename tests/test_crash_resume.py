@@ -4,8 +4,9 @@ For both recipes and both optimizers: one uninterrupted run; one run killed at a
 after its first complete checkpoint (the kill may land mid-step or mid-save: the random delays
 are seeded, and the test asserts the process really was still running); then a resume from the
 last complete checkpoint. The final weights must be bit-identical. The classification recipe is
-also run with a tiny ViT, whose checkpoints transformers>=5 writes under renamed keys, and a
-resume from a checkpoint missing a weight must stop with an error.
+also run with a tiny ViT, whose checkpoints transformers>=5 writes under renamed keys, and with
+every augmentation on (RandAugment, mixup, cutmix, random erasing, label smoothing: all seeded per
+sample or per batch), and a resume from a checkpoint missing a weight must stop with an error.
 """
 
 from __future__ import annotations
