@@ -24,7 +24,7 @@ Tasks (all data is generated or ships inside a package; nothing is downloaded):
     bottom 1/4; a small CNN; metric: test accuracy.
 ``recipe_digits``
     the embedded default of ``recipes/image_classification.py`` (its digits dataset at 32×32
-    and its tiny transformers ResNet, built with the recipe's own functions), trained by this
+    and its tiny transformers ResNet, from ``hf_rlion.digits`` as the recipe builds them), trained by this
     script's loop without the recipe's augmentation; metric: validation accuracy.
 ``recipe_caltech``
     the data path of ``recipes/vit_detection_caltech101.py`` on a generated Caltech-layout set
@@ -241,9 +241,6 @@ def _textures_data(patch: int = 16, train_per_class: int = 500, test_per_class: 
     return TaskData(x["train"], y["train"], x["test"], y["test"])
 
 
-RECIPE_PATH = Path(__file__).resolve().parents[1] / "recipes" / "image_classification.py"
-
-
 def _load_recipe(path: Path, name: str):
     """A recipe script as a module (the recipes folder is not a package), loaded once."""
     import importlib.util
@@ -256,21 +253,17 @@ def _load_recipe(path: Path, name: str):
     return sys.modules[name]
 
 
-def _load_classification_recipe():
-    return _load_recipe(RECIPE_PATH, "image_classification_recipe")
-
-
 def _recipe_digits_data() -> TaskData:
-    """The classification recipe's embedded dataset (digits upscaled to 32x32 RGB, its 80/20 split),
-    normalised with the embedded model's image processor statistics; no augmentation."""
-    recipe = _load_classification_recipe()
-    raw = recipe.digits_dataset(recipe.EMBEDDED_IMAGE_SIZE)
-    processor = recipe.default_image_processor(recipe.EMBEDDED_MODEL_TYPE)
-    mean, std = processor.image_mean, processor.image_std
+    """The classification recipe's embedded dataset (``hf_rlion.digits``: digits at 32x32 RGB, its 80/20
+    split), normalised as the recipe does for its ResNet ((x - 0.5) / 0.5, the image processor's defaults);
+    no augmentation."""
+    from hf_rlion.digits import digits_dataset
+
+    raw = digits_dataset()
 
     def tensors(split):
-        x = torch.stack([recipe.to_normalized_tensor(img.convert("RGB"), mean, std) for img in split["image"]])
-        return x, torch.tensor(split["label"])
+        x = torch.stack([torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32)).permute(2, 0, 1) for img in split["image"]])
+        return (x / 255.0 - 0.5) / 0.5, torch.tensor(split["label"])
 
     return TaskData(*tensors(raw["train"]), *tensors(raw["validation"]))
 
@@ -288,10 +281,10 @@ class _OutputField(nn.Module):
 
 
 def _recipe_digits_model() -> nn.Module:
-    """The classification recipe's embedded default model (a tiny transformers ResNet from config)."""
-    recipe = _load_classification_recipe()
-    model, _ = recipe.build_model_and_processor(recipe.ModelArguments(), [str(d) for d in range(10)])
-    return _OutputField(model, "logits")
+    """The classification recipe's embedded default model (``hf_rlion.digits.digits_resnet``)."""
+    from hf_rlion.digits import digits_resnet
+
+    return _OutputField(digits_resnet(num_labels=10), "logits")
 
 
 DETECTION_RECIPE_PATH = Path(__file__).resolve().parents[1] / "recipes" / "vit_detection_caltech101.py"

@@ -1,219 +1,126 @@
 #!/usr/bin/env python
-"""Image classification with RLion: ``datasets`` data, a transformers model, ``Trainer``, ``accelerate``.
+"""Image classification with RLion: ``datasets`` data, a transformers or timm model, ``Trainer``, ``accelerate``.
 
-The main command (no arguments) trains a small ResNet from scratch on scikit-learn's handwritten
-digits rendered as 32x32 RGB images, with ``--optim rlion``, and prints its accuracy::
+Without arguments it trains a tiny ResNet from scratch on scikit-learn's handwritten digits
+(32x32 RGB, no download, ``hf_rlion.digits``) with ``--optim rlion`` and prints its accuracy::
 
     accelerate launch recipes/image_classification.py
 
-The same script trains on ImageNet-1k (or any image-classification dataset) on one CPU, several
-CPU ranks, a multi-GPU node or FSDP, e.g.::
+Any transformers model type or timm architecture, from scratch or pretrained, on any dataset::
 
-    accelerate launch --config_file recipes/configs/multi_gpu.yaml recipes/image_classification.py \\
-        --dataset_name timm/imagenet-1k-wds --model_type convnext \\
-        --config_overrides "depths=[3,3,9,3],hidden_sizes=[96,192,384,768]" --image_size 224 \\
-        --learning_rate 3e-4 --weight_decay 0.05 --num_train_epochs 90 --output_dir runs/in1k
+    accelerate launch recipes/image_classification.py --model_type timm_wrapper \\
+        --config_overrides "architecture=fasternet_t0" --dataset_name timm/imagenet-1k-wds --image_size 224 \\
+        --auto_augment rand-m9-mstd0.5 --mixup 0.8 --cutmix 1.0 --reprob 0.25 --label_smoothing_factor 0.1
 
-It follows the conventions of transformers' ``examples/pytorch/image-classification``:
-``HfArgumentParser`` over :class:`ModelArguments`, :class:`DataTrainingArguments` and
-``TrainingArguments``; ``Trainer``; ``all_results.json``, ``train_results.json``,
-``eval_results.json`` (``eval_accuracy``, plus ``eval_top5_accuracy`` when there are >= 5
-classes), ``trainer_state.json`` and ``checkpoint-*`` folders in ``--output_dir``, plus
-``training_curves.png`` (training loss and eval accuracy);
-``--resume_from_checkpoint``. ``import hf_rlion`` makes ``--optim rlion``, ``rlion_8bit`` and
-``paged_rlion_8bit`` valid next to all of transformers' own names.
+Built like transformers' ``examples/pytorch/image-classification/run_image_classification.py``
+(``HfArgumentParser`` flags or one .json/.yaml file, ``Trainer``, its output files, plus
+``training_curves.png``). Defaults that differ from ``TrainingArguments``': :data:`RECIPE_TRAINING_DEFAULTS`
+(``--learning_rate 1e-3`` is RLion's own default, docs/results.md; RLion's hyperparameters are the class's).
 
-Recipe defaults that differ from ``TrainingArguments``' (every one can be overridden on the
-command line): ``--optim rlion``, ``--learning_rate 1e-3``, ``--weight_decay 0.01``,
-``--num_train_epochs 10``, ``--per_device_train_batch_size 64``, ``--eval_strategy epoch``,
-``--save_strategy epoch``, ``--save_total_limit 2``, ``--logging_steps 20``,
-``--output_dir outputs/image_classification``, ``--report_to none``,
-``--remove_unused_columns false``. ``--learning_rate 1e-3``: RLion's own default, chosen by the
-optimizer study (docs/results.md); Trainer would otherwise pass its 5e-5. RLion's own
-hyperparameters (alpha, alpha_scaling, betas, ...) are never set here: they are the ``RLion``
-class defaults unless ``--optim_args`` says otherwise.
-
-Data: ``--dataset_name`` (a Hub or local dataset that ``datasets.load_dataset`` reads: parquet,
-webdataset, imagefolder copies; ``--streaming`` for data that does not fit on disk) or
-``--train_dir`` / ``--validation_dir`` image folders (``<dir>/<label>/<image>``). Labels and
-``id2label`` come from the dataset's ``ClassLabel`` feature (for plain integer labels: ``0 .. max``).
-
-Corrupt image files: ``--corrupt_images error`` (default) stops with an error naming the file
-the first time one is read; ``--corrupt_images skip`` checks every image once before training
-(non-streaming data), drops the unreadable ones, and reports how many were dropped and which.
-
-Transforms are written with PIL/numpy/torch (no torchvision): train = random resized crop +
-horizontal flip, eval = resize the shorter side to ``image_size / crop_pct`` + center crop;
-normalisation mean/std from the model's image processor.
+Transforms are ``torchvision.transforms.v2``; mean, std, interpolation and crop_pct come from the
+model's image processor (timm models: timm's data config of the architecture). Each training sample's
+augmentation runs under its own seed ``(seed, epoch, sample index)`` and each batch's mixup/cutmix
+under a seed derived from its samples', so a run resumed from a checkpoint, even one killed
+mid-epoch, ends with the uninterrupted run's exact weights, with any number of data-loader workers.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import math
 import os
+import random
 import re
 import shlex
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import hf_rlion  # noqa: F401  (registers --optim rlion, rlion_8bit, paged_rlion_8bit with transformers)
+from hf_rlion.complete_checkpoints import MarkCompleteCheckpoints, resolve_checkpoint
+from hf_rlion.digits import DIGITS_IMAGE_SIZE, DIGITS_RESNET_CONFIG, digits_dataset
 from hf_rlion.distributed_exit import exit_distributed_run
 
 import datasets
-import evaluate
 import numpy as np
 import torch
+import torch.nn.functional as F
 import transformers
+import yaml
 from PIL import Image
-from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
-    AutoModelForImageClassification,
-    HfArgumentParser,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-)
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from torchvision.transforms import v2
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 logger = logging.getLogger("image_classification")
 
 EMBEDDED_DATASET = "sklearn-digits"
-"""Name of the embedded default dataset: scikit-learn's 1797 handwritten digits (8x8, 10 classes)."""
-
-# The embedded default model: a ResNet small enough to train on a laptop CPU in a few minutes
-# (about 80k parameters; a same-sized ViT is ~10x slower per image on CPU).
 EMBEDDED_MODEL_TYPE = "resnet"
-EMBEDDED_CONFIG_OVERRIDES = "embedding_size=16,hidden_sizes=[16,32,64],depths=[1,1,1],layer_type=basic"
-EMBEDDED_IMAGE_SIZE = 32
-
+EMBEDDED_CONFIG_OVERRIDES = ",".join(f"{k}={v}".replace(" ", "") for k, v in DIGITS_RESNET_CONFIG.items())
 RECIPE_TRAINING_DEFAULTS: dict[str, Any] = {
-    "output_dir": "outputs/image_classification",
-    "optim": "rlion",
-    "learning_rate": 1e-3,
-    "weight_decay": 0.01,
-    "num_train_epochs": 10,
-    "per_device_train_batch_size": 64,
-    "per_device_eval_batch_size": 128,
-    "eval_strategy": "epoch",
-    "save_strategy": "epoch",
-    "save_total_limit": 2,
-    "logging_steps": 20,
-    "report_to": "none",
-    "remove_unused_columns": False,
-    "dataloader_num_workers": -1,  # "auto": resolved by choose_num_workers()
-}
-
+    "output_dir": "outputs/image_classification", "optim": "rlion", "learning_rate": 1e-3, "weight_decay": 0.01,
+    "num_train_epochs": 10, "per_device_train_batch_size": 64, "per_device_eval_batch_size": 128,
+    "eval_strategy": "epoch", "save_strategy": "epoch", "save_total_limit": 2, "logging_steps": 20,
+    "report_to": "none", "remove_unused_columns": False,
+    "dataloader_num_workers": -1,  # auto: 0 for the in-memory digits, else the CPUs per rank minus one (<= 8)
+}  # fmt: skip
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "jpeg", "png", "webp", "pixel_values")
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "cls", "fine_label", "class")
+
+
+def option(default: Any, help: str, **metadata) -> Any:
+    """A dataclass field that ``HfArgumentParser`` turns into ``--name`` with this help text."""
+    return field(default=default, metadata={"help": help, **metadata})
 
 
 @dataclass
 class ModelArguments:
     """Which model to train: a pretrained one (``--model_name_or_path``) or one from a config (``--model_type``)."""
 
-    model_name_or_path: Optional[str] = field(
-        default=None,
-        metadata={"help": "Hub model id or local directory to start from. Leave unset to train from scratch."},
+    model_name_or_path: Optional[str] = option(None, "Hub id (e.g. timm/...) or local directory; unset: from scratch.")
+    model_type: Optional[str] = option(
+        None, f"Model type to train from scratch (vit, convnext, timm_wrapper, ...; default {EMBEDDED_MODEL_TYPE!r})."
     )
-    model_type: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "Train from scratch with this transformers model type (vit, convnext, resnet, ...). "
-            f"Default without --model_name_or_path: {EMBEDDED_MODEL_TYPE!r} (a ~80k-parameter ResNet)."
-        },
+    config_overrides: Optional[str] = option(
+        None, 'key=value settings of the --model_type config: "architecture=fasternet_t0", "depths=[1,1,1]".'
     )
-    config_overrides: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "Comma-separated key=value settings applied to the config of --model_type, "
-            'e.g. "hidden_size=96,num_hidden_layers=4". Only for training from scratch.'
-        },
-    )
-    image_processor_name: Optional[str] = field(
-        default=None, metadata={"help": "Image processor (Hub id or directory) if not the model's."}
-    )
-    image_size: Optional[int] = field(
-        default=None,
-        metadata={"help": "Input side in pixels. Default: the config's image_size, else the image processor's size."},
-    )
-    model_revision: str = field(default="main", metadata={"help": "Model revision (branch, tag or commit)."})
-    token: Optional[str] = field(
-        default=None, metadata={"help": "Hub token (default: HF_TOKEN / the stored login). Needed for gated data."}
-    )
-    ignore_mismatched_sizes: bool = field(
-        default=True,
-        metadata={"help": "Replace a pretrained classifier head whose number of labels differs from the dataset's."},
-    )
-    license: Optional[str] = field(
-        default=None,
-        metadata={"help": "License id for the pushed model's card (apache-2.0, mit, ...). Default: the base model's."},
-    )
+    image_processor_name: Optional[str] = option(None, "Image processor (Hub id or directory) if not the model's.")
+    image_size: Optional[int] = option(None, "Input side in pixels (default: config, processor or timm data config).")
+    model_revision: str = option("main", "Model revision (branch, tag or commit).")
+    token: Optional[str] = option(None, "Hub token (default: HF_TOKEN / the stored login).")
+    ignore_mismatched_sizes: bool = option(True, "Replace a pretrained head that has another number of labels.")
+    license: Optional[str] = option(None, "License id for the pushed model card (default: the base model's).")
 
 
 @dataclass
 class DataTrainingArguments:
-    """Which data to train and evaluate on, and how to turn images into tensors."""
+    """Which data to train and evaluate on, and how to augment it."""
 
-    dataset_name: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "Dataset for datasets.load_dataset (Hub id such as ILSVRC/imagenet-1k or timm/imagenet-1k-wds, "
-            f"or a local path). Default with no --dataset_name/--train_dir: the embedded {EMBEDDED_DATASET!r}."
-        },
+    dataset_name: Optional[str] = option(None, f"datasets name or local path (default: {EMBEDDED_DATASET!r}, embedded).")
+    dataset_config_name: Optional[str] = option(None, "Dataset configuration name.")
+    streaming: bool = option(False, "Stream the dataset (needs --max_steps).")
+    train_dir: Optional[str] = option(None, "Image folder for training: <dir>/<label>/<image>.")
+    validation_dir: Optional[str] = option(None, "Image folder for evaluation.")
+    train_split_name: str = option("train", "Name of the training split.")
+    eval_split_name: Optional[str] = option(None, "Evaluation split (default: validation, valid, val or test).")
+    train_val_split: float = option(0.15, "Fraction of train held out when there is no evaluation split.")
+    image_column_name: Optional[str] = option(None, f"Image column (default: first of {IMAGE_COLUMN_CANDIDATES}).")
+    label_column_name: Optional[str] = option(None, f"Label column (default: first of {LABEL_COLUMN_CANDIDATES}).")
+    num_labels: Optional[int] = option(None, "Number of classes (streamed data with plain integer labels).")
+    max_train_samples: Optional[int] = option(None, "Use at most this many training images.")
+    max_eval_samples: Optional[int] = option(None, "Use at most this many evaluation images.")
+    corrupt_images: str = option(
+        "error", "Unreadable images: 'error' (stop, naming the file) or 'skip' (drop, count).", choices=["error", "skip"]
     )
-    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Dataset configuration name."})
-    streaming: bool = field(
-        default=False, metadata={"help": "Stream the dataset instead of downloading it (needs --max_steps)."}
-    )
-    train_dir: Optional[str] = field(default=None, metadata={"help": "Image folder for training: <dir>/<label>/<img>."})
-    validation_dir: Optional[str] = field(default=None, metadata={"help": "Image folder for evaluation."})
-    train_split_name: str = field(default="train", metadata={"help": "Name of the training split."})
-    eval_split_name: Optional[str] = field(
-        default=None, metadata={"help": "Name of the evaluation split (default: validation, else test)."}
-    )
-    train_val_split: float = field(
-        default=0.15, metadata={"help": "Fraction of train held out for evaluation when there is no eval split."}
-    )
-    image_column_name: Optional[str] = field(
-        default=None, metadata={"help": f"Image column (default: the first of {', '.join(IMAGE_COLUMN_CANDIDATES)})."}
-    )
-    label_column_name: Optional[str] = field(
-        default=None, metadata={"help": f"Label column (default: the first of {', '.join(LABEL_COLUMN_CANDIDATES)})."}
-    )
-    num_labels: Optional[int] = field(
-        default=None,
-        metadata={"help": "Number of classes, needed only for streamed data whose labels are plain integers."},
-    )
-    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many train images."})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many eval images."})
-    corrupt_images: str = field(
-        default="error",
-        metadata={
-            "help": "What to do with unreadable image files: 'error' (stop, naming the file) or 'skip' "
-            "(check all images before training, drop and count the unreadable ones).",
-            "choices": ["error", "skip"],
-        },
-    )
-    train_crop_scale: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": 'Random-resized-crop area range "min,max" as fractions of the image '
-            '(default "0.08,1.0", the Inception/ImageNet setting; "0.6,1.0" for the embedded digits).'
-        },
-    )
-    horizontal_flip: Optional[bool] = field(
-        default=None,
-        metadata={"help": "Random horizontal flips in training (default: on; off for the embedded digits)."},
-    )
-    eval_crop_pct: Optional[float] = field(
-        default=None,
-        metadata={"help": "Eval: resize the shorter side to image_size/crop_pct, then center crop "
-                  "(default: the image processor's crop_pct, else 1.0)."},
-    )
+    train_crop_scale: Optional[str] = option(None, 'Random-resized-crop area "min,max" (default "0.08,1.0"; digits "0.6,1.0").')
+    horizontal_flip: Optional[bool] = option(None, "Random horizontal flips (default: on; off for the digits).")
+    eval_crop_pct: Optional[float] = option(None, "Eval: resize to image_size/crop_pct, center crop (default: the model's).")
+    auto_augment: Optional[str] = option(None, 'As timm train.py: "rand-m9-n2" (RandAugment), "trivial" or "none".')
+    mixup: float = option(0.0, "Mixup alpha (0: off). With --cutmix too, each batch gets one of the two.")
+    cutmix: float = option(0.0, "CutMix alpha (0: off).")
+    reprob: float = option(0.0, "Random-erasing probability per image (timm's --reprob).")
 
     def __post_init__(self):
         if self.dataset_name is not None and (self.train_dir is not None or self.validation_dir is not None):
@@ -228,263 +135,39 @@ class DataTrainingArguments:
         return self.dataset_name in (None, EMBEDDED_DATASET) and self.train_dir is None and self.validation_dir is None
 
 
-# ---------------------------------------------------------------------------------------------
-# Metric: top-1 / top-5 accuracy as an `evaluate` module defined here, so nothing is fetched
-# from the Hub (evaluate.load("accuracy") downloads its script).
-# ---------------------------------------------------------------------------------------------
-
-
-class TopKAccuracy(evaluate.Metric):
-    """Top-1 and top-k accuracy from ranked class predictions.
-
-    ``predictions[i]`` are sample i's class ids, best first (at least one); ``references[i]`` its
-    true class. ``accuracy`` = mean(predictions[i][0] == references[i]);
-    ``top{k}_accuracy`` = mean(references[i] in predictions[i][:k]) for each k in ``top_k`` that
-    is <= the number of ranked predictions given.
-    """
-
-    def _info(self):
-        return evaluate.MetricInfo(
-            description="Top-1 and top-k classification accuracy from ranked predictions.",
-            citation="",
-            inputs_description="predictions: list of ranked class ids per sample; references: class id per sample.",
-            features=datasets.Features(
-                {"predictions": datasets.Sequence(datasets.Value("int64")), "references": datasets.Value("int64")}
-            ),
-        )
-
-    def _compute(self, predictions, references, top_k=(5,)):
-        ranked = np.asarray(predictions, dtype=np.int64)
-        if ranked.ndim != 2 or ranked.shape[1] == 0:
-            raise ValueError(f"predictions must be ranked class ids of shape (n, k>=1), got shape {ranked.shape}")
-        truth = np.asarray(references, dtype=np.int64)[:, None]
-        hits = ranked == truth
-        out = {"accuracy": float(hits[:, 0].mean())}
-        for k in top_k:
-            if k <= ranked.shape[1]:
-                out[f"top{k}_accuracy"] = float(hits[:, :k].any(axis=1).mean())
-        return out
-
-
-def ranked_predictions(logits: torch.Tensor, labels: Any = None, k: int = 5) -> torch.Tensor:
-    """``preprocess_logits_for_metrics``: keep only each sample's top-k class ids (less to gather across ranks)."""
-    if isinstance(logits, (tuple, list)):
-        logits = logits[0]
-    return logits.topk(min(k, logits.shape[-1]), dim=-1).indices
-
-
-# ---------------------------------------------------------------------------------------------
-# Transforms (PIL/numpy/torch; torchvision is not a dependency of this project)
-# ---------------------------------------------------------------------------------------------
-
-
-def random_resized_crop_box(
-    width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], generator=None
-) -> tuple[int, int, int, int]:
-    """A random crop box ``(left, top, right, bottom)`` as in Inception training (Szegedy et al. 2015).
-
-    Draw an area fraction uniformly in ``scale`` and a log-uniform aspect ratio in ``ratio``; keep
-    the first of 10 draws that fits in the image, otherwise the largest center crop whose aspect
-    ratio is clamped to ``ratio``.
-    """
-    area = width * height
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        u = torch.rand(4, generator=generator).tolist()
-        target_area = area * (scale[0] + (scale[1] - scale[0]) * u[0])
-        aspect = math.exp(log_lo + (log_hi - log_lo) * u[1])
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            left = int(u[2] * (width - w + 1))
-            top = int(u[3] * (height - h + 1))
-            return left, top, left + w, top + h
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        w, h = int(round(height * ratio[1])), height
-    else:
-        w, h = width, height
-    left, top = (width - w) // 2, (height - h) // 2
-    return left, top, left + w, top + h
-
-
-def center_crop_box(width: int, height: int, crop: int) -> tuple[int, int, int, int]:
-    """The ``crop`` x ``crop`` box centred in a ``width`` x ``height`` image (rounding as PIL/timm do)."""
-    left = int(round((width - crop) / 2.0))
-    top = int(round((height - crop) / 2.0))
-    return left, top, left + crop, top + crop
-
-
-def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
-    """Resize (bicubic) so that the shorter side is ``size``, keeping the aspect ratio."""
-    w, h = image.size
-    if w <= h:
-        new_w, new_h = size, max(1, int(round(h * size / w)))
-    else:
-        new_w, new_h = max(1, int(round(w * size / h))), size
-    return image.resize((new_w, new_h), Image.BICUBIC)
-
-
-def to_normalized_tensor(image: Image.Image, mean, std) -> torch.Tensor:
-    """RGB PIL image -> float32 CHW tensor ``(x/255 - mean) / std``."""
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    array = (array - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
-
-
-@dataclass
-class ImageTransforms:
-    """Train and eval transforms for one input size and normalisation."""
-
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    horizontal_flip: bool = True
-    eval_crop_pct: float = 1.0
-
-    def train(self, image: Image.Image, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        box = random_resized_crop_box(*image.size, self.crop_scale, self.crop_ratio, generator=generator)
-        image = image.resize((self.image_size, self.image_size), Image.BICUBIC, box=box)
-        if self.horizontal_flip and torch.rand((), generator=generator) < 0.5:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        return to_normalized_tensor(image, self.mean, self.std)
-
-    def eval(self, image: Image.Image) -> torch.Tensor:
-        resized = resize_shorter_side(image, int(math.floor(self.image_size / self.eval_crop_pct)))
-        image = resized.crop(center_crop_box(*resized.size, self.image_size))
-        return to_normalized_tensor(image, self.mean, self.std)
-
-
-SAMPLE_INDEX_COLUMN = "__sample_index__"
-
-
-def augmentation_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """The random stream of one training sample in one epoch: a pure function of (seed, epoch, index).
-
-    Augmentations then do not depend on the global RNG, on data-loader workers or on how many
-    batches were prefetched, so ``--resume_from_checkpoint`` mid-epoch replays exactly the crops
-    and flips of the uninterrupted run (Trainer restores the global RNG only after it has already
-    fetched the first batch after the resume point).
-    """
-    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % 2**63)
-
-
-class AugmentationEpoch(TrainerCallback):
-    """Tell the train transform which epoch it is (before Trainer builds the epoch's data iterator)."""
-
-    def __init__(self):
-        self.epoch = 0
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self.epoch = int(math.floor((state.epoch or 0.0) + 1e-6))
-        return control
-
-
-def decode_image(value: Any, policy: str = "error") -> Optional[Image.Image]:
-    """An RGB PIL image from a dataset cell (PIL image, ``{"path", "bytes"}`` dict, or path).
-
-    An unreadable file raises ``ValueError`` naming it when ``policy == "error"`` and gives
-    ``None`` when ``policy == "skip"``.
-    """
-    import io
-
-    if isinstance(value, Image.Image):
-        return value.convert("RGB")
-    path = value.get("path") if isinstance(value, dict) else value
-    try:
-        if isinstance(value, dict) and value.get("bytes") is not None:
-            image = Image.open(io.BytesIO(value["bytes"]))
-        else:
-            image = Image.open(path)
-        image.load()
-        return image.convert("RGB")
-    except Exception as err:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError, ...)
-        if policy == "skip":
-            return None
-        raise ValueError(
-            f"corrupt image file {path!r}: {type(err).__name__}: {err}. Remove it, or pass --corrupt_images skip "
-            "to drop unreadable images before training."
-        ) from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
-
-
-def digits_dataset(image_size: int = 32) -> datasets.DatasetDict:
-    """scikit-learn's handwritten digits as RGB images: a fixed stratified 80/20 train/validation split.
-
-    1797 images of 8x8 pixels with 17 grey levels (UCI "Optical Recognition of Handwritten Digits"),
-    upscaled bicubically to ``image_size`` and replicated to 3 channels; dark ink on white as in a scan.
-    Split: ``train_test_split(test_size=0.2, stratify=labels, random_state=0)`` -> 1437 / 360.
-    """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    pixels = (255 - np.round(digits.images * (255.0 / 16.0))).astype(np.uint8)
-    images = [Image.fromarray(p, mode="L").resize((image_size, image_size), Image.BICUBIC).convert("RGB") for p in pixels]
-    labels = digits.target.astype(np.int64)
-    train_idx, eval_idx = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0)
-    features = datasets.Features(
-        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(d) for d in range(10)])}
-    )
-
-    def subset(idx):
-        return datasets.Dataset.from_dict(
-            {"image": [images[i] for i in idx], "label": [int(labels[i]) for i in idx]}, features=features
-        )
-
-    return datasets.DatasetDict({"train": subset(train_idx), "validation": subset(eval_idx)})
-
 
 def check_image_dir(path: str, flag: str) -> None:
     """``ValueError`` if ``path`` is not a directory holding at least one file."""
     if not os.path.isdir(path):
         raise ValueError(f"{flag} {path!r}: no such directory")
-    for _root, _dirs, files in os.walk(path):
-        if any(not f.startswith(".") for f in files):
-            return
-    raise ValueError(f"{flag} {path!r} holds no image files (expected {flag.lstrip('-')}/<label>/<image files>)")
+    if not any(not f.startswith(".") for _root, _dirs, files in os.walk(path) for f in files):
+        raise ValueError(f"{flag} {path!r} holds no image files (expected {flag.lstrip('-')}/<label>/<image files>)")
 
 
-def load_raw_datasets(data_args: DataTrainingArguments, token: Optional[str], cache_dir: Optional[str] = None):
+def load_raw_datasets(data_args: DataTrainingArguments, token: Optional[str]):
     """The raw splits as a ``DatasetDict`` (or ``IterableDatasetDict`` with ``--streaming``)."""
     if data_args.embedded:
         return digits_dataset()
     if data_args.dataset_name is not None:
         try:
-            return datasets.load_dataset(
-                data_args.dataset_name,
-                data_args.dataset_config_name,
-                streaming=data_args.streaming,
-                token=token,
-                cache_dir=cache_dir,
-            )
+            return datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, streaming=data_args.streaming, token=token)
         except Exception as err:
             raise explain_load_error(data_args.dataset_name, err) from err
-    data_files = {}
-    if data_args.train_dir is not None:
-        check_image_dir(data_args.train_dir, "--train_dir")
-        data_files["train"] = os.path.join(data_args.train_dir, "**")
-    if data_args.validation_dir is not None:
-        check_image_dir(data_args.validation_dir, "--validation_dir")
-        data_files["validation"] = os.path.join(data_args.validation_dir, "**")
-    if "train" not in data_files:
+    if data_args.train_dir is None:
         raise ValueError("--validation_dir needs --train_dir as well (the recipe trains)")
-    return datasets.load_dataset("imagefolder", data_files=data_files, streaming=data_args.streaming, cache_dir=cache_dir)
+    data_files = {}
+    for split, folder in (("train", data_args.train_dir), ("validation", data_args.validation_dir)):
+        if folder is not None:
+            check_image_dir(folder, "--train_dir" if split == "train" else "--validation_dir")
+            data_files[split] = os.path.join(folder, "**")
+    return datasets.load_dataset("imagefolder", data_files=data_files, streaming=data_args.streaming)
 
 
 def explain_load_error(name: str, err: Exception) -> Exception:
     """A clearer error for the usual reasons ``load_dataset`` fails: gated, missing, offline."""
     text = f"{type(err).__name__}: {err}"
     lowered = text.lower()
-    if "gated" in lowered or "401" in lowered or "403" in lowered or "authenticated" in lowered:
+    if any(word in lowered for word in ("gated", "401", "403", "authenticated")):
         return ValueError(
             f"--dataset_name {name!r} is gated: accept its terms at https://huggingface.co/datasets/{name}, then "
             "log in (`hf auth login`), set HF_TOKEN, or pass --token. Original error: " + text
@@ -506,21 +189,16 @@ def pick_column(columns: list[str], requested: Optional[str], candidates: tuple[
     for name in candidates:
         if name in columns:
             return name
-    raise ValueError(
-        f"no {flag.removeprefix('--').removesuffix('_name').replace('_', ' ')} found among the dataset's columns "
-        f"({', '.join(columns)}); pass {flag}"
-    )
+    what = flag.removeprefix("--").removesuffix("_name").replace("_", " ")
+    raise ValueError(f"no {what} found among the dataset's columns ({', '.join(columns)}); pass {flag}")
 
 
 def split_train_eval(raw, data_args: DataTrainingArguments, seed: int):
     """``(train split, eval split)``: the named splits, or a seeded hold-out of train."""
     if data_args.train_split_name not in raw:
-        raise ValueError(
-            f"--train_split_name {data_args.train_split_name!r} is not a split of the dataset; splits: {', '.join(raw)}"
-        )
+        raise ValueError(f"--train_split_name {data_args.train_split_name!r} is not a split of the dataset; splits: {', '.join(raw)}")
     train = raw[data_args.train_split_name]
-    names = [data_args.eval_split_name] if data_args.eval_split_name else ["validation", "valid", "val", "test"]
-    for name in names:
+    for name in [data_args.eval_split_name] if data_args.eval_split_name else ["validation", "valid", "val", "test"]:
         if name in raw:
             return train, raw[name]
     if data_args.eval_split_name:
@@ -532,265 +210,349 @@ def split_train_eval(raw, data_args: DataTrainingArguments, seed: int):
 
 
 def label_names(train, label_column: str, data_args: DataTrainingArguments) -> list[str]:
-    """Class names: the ``ClassLabel`` names, else the sorted distinct label values, else ``0..num_labels-1``."""
+    """Class names: the ``ClassLabel`` names, else ``0..num_labels-1``, else ``0..max(label)``."""
     feature = (train.features or {}).get(label_column)
     if isinstance(feature, datasets.ClassLabel):
         return list(feature.names)
     if data_args.num_labels is not None:
         return [str(i) for i in range(data_args.num_labels)]
     if isinstance(train, datasets.IterableDataset):
-        raise ValueError(
-            f"label column {label_column!r} is not a ClassLabel, so the classes cannot be listed without reading "
-            "the whole stream: pass --num_labels"
-        )
+        raise ValueError(f"label column {label_column!r} is not a ClassLabel: pass --num_labels for streamed data")
     values = sorted(set(train[label_column]))
     if not all(isinstance(v, (int, np.integer)) for v in values):
         raise ValueError(f"label column {label_column!r} holds non-integer values {values[:5]}...; cast it to ClassLabel")
     return [str(i) for i in range(int(max(values)) + 1)]
 
 
-def drop_corrupt_images(dataset, image_column: str, split: str, num_proc: Optional[int] = None):
-    """Decode every image once; drop those that fail. Logs the count and the first names."""
+def decode_image(value: Any, policy: str = "error") -> Optional[Image.Image]:
+    """An RGB PIL image from a dataset cell (PIL image, ``{"path", "bytes"}`` dict or path); unreadable:
+    ``ValueError`` naming the file (``policy="error"``) or ``None`` (``"skip"``)."""
+    import io
+
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    path = value.get("path") if isinstance(value, dict) else value
+    try:
+        data = value.get("bytes") if isinstance(value, dict) else None
+        image = Image.open(io.BytesIO(data) if data is not None else path)
+        image.load()
+        return image.convert("RGB")
+    except Exception as err:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError, ...)
+        if policy == "skip":
+            return None
+        raise ValueError(
+            f"corrupt image file {path!r}: {type(err).__name__}: {err}. Remove it, or pass --corrupt_images skip "
+            "to drop unreadable images before training."
+        ) from None
+
+
+def drop_corrupt_images(dataset, image_column: str, split: str):
+    """Decode every image once; drop those that fail; log the count and the first names."""
     raw = dataset.cast_column(image_column, datasets.Image(decode=False))
-    readable = raw.map(
-        lambda batch: {"_readable": [decode_image(v, "skip") is not None for v in batch[image_column]]},
-        batched=True,
-        num_proc=num_proc,
-        desc=f"checking {split} images",
-    )
-    bad = [i for i, ok in enumerate(readable["_readable"]) if not ok]
+    readable = raw.map(lambda b: {"_ok": [decode_image(v, "skip") is not None for v in b[image_column]]}, batched=True)["_ok"]
+    bad = [i for i, ok in enumerate(readable) if not ok]
     if bad:
         names = [raw[i][image_column].get("path") or f"row {i}" for i in bad[:10]]
         logger.warning("%s: skipped %d unreadable image(s): %s%s", split, len(bad), names, " ..." if len(bad) > 10 else "")
-        dataset = dataset.select([i for i in range(len(dataset)) if readable[i]["_readable"]])
+        dataset = dataset.select([i for i, ok in enumerate(readable) if ok])
     return dataset, len(bad)
 
 
-# ---------------------------------------------------------------------------------------------
-# Model
-# ---------------------------------------------------------------------------------------------
+def first(dataset, n: Optional[int]):
+    """The first ``n`` rows (streamed or not); all of them for ``None``."""
+    if n is None:
+        return dataset
+    return dataset.take(n) if isinstance(dataset, datasets.IterableDataset) else dataset.select(range(min(n, len(dataset))))
+
+
+
+def config_from_overrides(model_type: str, text: Optional[str]):
+    """A fresh config of ``model_type`` with the ``--config_overrides`` ``key=value,...`` applied.
+
+    The text is read as a YAML flow mapping (lists as ``[1,2]``); numbers, booleans and lists go to the
+    config class's constructor (so it derives what depends on them, e.g. a ResNet's ``stage_names``
+    from ``depths``), strings through ``PretrainedConfig.update_from_string`` (typed by the default).
+    """
+    config_class = transformers.CONFIG_MAPPING[model_type]
+    try:
+        values = yaml.safe_load("{" + (text or "").replace("=", ": ") + "}") or {}
+    except yaml.YAMLError:
+        values = None
+    if not isinstance(values, dict) or any(v is None for v in values.values()):
+        raise ValueError(f"--config_overrides: expected key=value,..., got {text!r}")
+    unknown = [key for key in values if not hasattr(config_class(), key)]
+    if unknown:
+        raise ValueError(f"--config_overrides: {config_class.__name__} has no attribute {unknown[0]!r}")
+    config = config_class(**{k: v for k, v in values.items() if not isinstance(v, str)})
+    strings = ",".join(f"{k}={v}" for k, v in values.items() if isinstance(v, str))
+    if strings:
+        config.update_from_string(strings)
+    return config
+
+
+def default_image_processor(model_type: str):
+    """The model type's own image processor with its defaults, or ViT's if it has none."""
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+
+    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type) or {}
+    class_name = names.get("pil") or names.get("torchvision") if isinstance(names, dict) else next((n for n in names if n), None)
+    return getattr(transformers, class_name or "ViTImageProcessor", transformers.ViTImageProcessor)()
 
 
 def build_model_and_processor(model_args: ModelArguments, labels: list[str]):
-    """``(model, image_processor)``: pretrained, or from ``--model_type`` + ``--config_overrides``."""
-    label2id = {name: i for i, name in enumerate(labels)}
-    id2label = {i: name for i, name in enumerate(labels)}
+    """``(model, image_processor)``: pretrained, or from ``--model_type`` + ``--config_overrides``.
+
+    A timm architecture trained from scratch (``--model_type timm_wrapper``) gets a
+    ``TimmWrapperImageProcessor`` built offline from the architecture's own ``pretrained_cfg``.
+    """
+    label_kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}
     common = {"revision": model_args.model_revision, "token": model_args.token}
     if model_args.model_name_or_path is not None:
         if model_args.config_overrides:
             raise ValueError("--config_overrides only applies when training from scratch (--model_type)")
-        config = AutoConfig.from_pretrained(
-            model_args.model_name_or_path,
-            num_labels=len(labels),
-            id2label=id2label,
-            label2id=label2id,
-            finetuning_task="image-classification",
-            **common,
-        )
+        name = model_args.model_name_or_path
+        config = AutoConfig.from_pretrained(name, finetuning_task="image-classification", **label_kwargs, **common)
         model = AutoModelForImageClassification.from_pretrained(
-            model_args.model_name_or_path,
-            config=config,
-            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-            **common,
+            name, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **common
         )
-        processor = AutoImageProcessor.from_pretrained(
-            model_args.image_processor_name or model_args.model_name_or_path, **common
-        )
-        return model, processor
+        return model, AutoImageProcessor.from_pretrained(model_args.image_processor_name or name, **common)
     model_type = model_args.model_type or EMBEDDED_MODEL_TYPE
     if model_type not in transformers.CONFIG_MAPPING:
         raise ValueError(f"--model_type {model_type!r} is not a transformers model type")
-    overrides = model_args.config_overrides
-    if model_args.model_type is None and overrides is None:
-        overrides = EMBEDDED_CONFIG_OVERRIDES
-    config = config_from_overrides(model_type, overrides)
-    config.num_labels = len(labels)
-    config.id2label, config.label2id = id2label, label2id
+    embedded = model_args.model_type is None and model_args.config_overrides is None
+    config = config_from_overrides(model_type, EMBEDDED_CONFIG_OVERRIDES if embedded else model_args.config_overrides)
+    for key, value in label_kwargs.items():
+        setattr(config, key, value)
     try:
         model = AutoModelForImageClassification.from_config(config)
     except ValueError as err:
         raise ValueError(f"--model_type {model_type!r} has no image-classification model: {err}") from None
     if model_args.image_processor_name:
-        processor = AutoImageProcessor.from_pretrained(model_args.image_processor_name, **common)
+        return model, AutoImageProcessor.from_pretrained(model_args.image_processor_name, **common)
+    if model_type == "timm_wrapper":
+        pretrained_cfg = model.timm_model.pretrained_cfg
+        model.config.pretrained_cfg = pretrained_cfg  # saved in config.json: AutoImageProcessor reloads it
+        return model, transformers.TimmWrapperImageProcessor(pretrained_cfg=pretrained_cfg, architecture=config.architecture)
+    return model, default_image_processor(model_type)
+
+
+@dataclass
+class Preprocessing:
+    """What the transforms need from the model: input side, normalisation, resampling, eval crop."""
+
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bicubic"
+    crop_pct: float = 1.0
+
+
+def model_preprocessing(model_args: ModelArguments, data_args: DataTrainingArguments, config, processor) -> Preprocessing:
+    """Read :class:`Preprocessing` off the image processor (timm: its data config), then apply the flags.
+
+    Image size: ``--image_size``, else 32 for the embedded ResNet or a model from scratch on the digits, else
+    the config's ``image_size``, else the processor's crop or size.
+    """
+    timm = getattr(processor, "data_config", None)
+    if timm is not None:
+        found = Preprocessing(timm["input_size"][-1], timm["mean"], timm["std"], timm["interpolation"], timm["crop_pct"])
     else:
-        processor = default_image_processor(model_type)
-    return model, processor
-
-
-def split_overrides(text: str) -> list[tuple[str, str]]:
-    """``"a=1,b=[2,3]"`` -> ``[("a", "1"), ("b", "[2,3]")]``: commas inside brackets do not split."""
-    items, depth, current = [], 0, ""
-    for char in text + ",":
-        if char == "," and depth == 0:
-            if current.strip():
-                key, sep, value = current.strip().partition("=")
-                if not sep or not key:
-                    raise ValueError(f"--config_overrides: expected key=value, got {current.strip()!r}")
-                items.append((key.strip(), value.strip()))
-            current = ""
-            continue
-        depth += char in "[("
-        depth -= char in "])"
-        current += char
-    return items
-
-
-def parse_config_overrides(config, text: str) -> dict[str, Any]:
-    """``--config_overrides`` as typed values; each value's type follows ``config``'s current value.
-
-    Lists are written ``[1,2,3]`` (JSON). Unknown keys raise ``ValueError`` naming them.
-    """
-    parsed: dict[str, Any] = {}
-    for key, value in split_overrides(text):
-        if not hasattr(config, key):
-            raise ValueError(f"--config_overrides: {type(config).__name__} has no attribute {key!r}")
-        current = getattr(config, key)
-        if value.startswith("["):
-            parsed[key] = json.loads(value)
-        elif isinstance(current, bool):
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"--config_overrides: {key} expects true/false, got {value!r}")
-            parsed[key] = value.lower() in ("true", "1")
-        elif isinstance(current, int):
-            parsed[key] = int(value)
-        elif isinstance(current, float):
-            parsed[key] = float(value)
-        elif current is None and (value[:1].isdigit() or value in ("true", "false", "null")):
-            parsed[key] = json.loads(value)
-        else:
-            parsed[key] = value
-    return parsed
-
-
-def config_from_overrides(model_type: str, text: Optional[str]):
-    """A fresh config of ``model_type`` built with the ``--config_overrides`` as constructor arguments.
-
-    Passing them to the constructor (rather than setting attributes afterwards) lets the config
-    derive what depends on them, e.g. a ResNet's ``stage_names``/``out_features`` from ``depths``.
-    """
-    config_class = transformers.CONFIG_MAPPING[model_type]
-    overrides = parse_config_overrides(config_class(), text) if text else {}
-    return config_class(**overrides)
-
-
-def default_image_processor(model_type: str):
-    """The model type's own image processor with its defaults (PIL backend), or ViT's if it has none."""
-    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
-
-    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type) or {}
-    if isinstance(names, dict):
-        class_name = names.get("pil") or names.get("torchvision")
-    else:  # older transformers: (slow, fast) tuple
-        class_name = next((n for n in names if n), None)
-    cls = getattr(transformers, class_name, None) if class_name else None
-    return (cls or transformers.ViTImageProcessor)()
-
-
-def resolve_image_size(model_args: ModelArguments, config, processor) -> int:
-    """``--image_size``, else ``config.image_size``, else the processor's size (height or shortest edge)."""
-    if model_args.image_size is not None:
-        return int(model_args.image_size)
-    if model_args.model_name_or_path is None and model_args.model_type is None:
-        return EMBEDDED_IMAGE_SIZE
-    size = getattr(config, "image_size", None)
-    if isinstance(size, (list, tuple)):
-        size = size[0]
-    if isinstance(size, int):
-        return size
-    crop = getattr(processor, "crop_size", None)
-    for candidate in (crop, getattr(processor, "size", None)):
-        if candidate is None:
-            continue
-        get = candidate.get if isinstance(candidate, dict) else lambda k, c=candidate: getattr(c, k, None)
-        for key in ("height", "shortest_edge"):
-            if get(key):
-                return int(get(key))
-    return 224
-
-
-def align_processor(processor, image_size: int, crop_pct: float) -> None:
-    """Make a saved processor reproduce the eval transform (resize + center crop to ``image_size``)."""
-    try:
-        processor.size = {"height": image_size, "width": image_size}
-        if hasattr(processor, "crop_size"):
-            processor.crop_size = {"height": image_size, "width": image_size}
-        if hasattr(processor, "crop_pct"):
-            processor.crop_pct = crop_pct
-    except Exception:  # processors whose size is validated differently keep their own
-        logger.warning("could not record image_size=%d in %s", image_size, type(processor).__name__)
-
-
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
-
-
-def choose_num_workers(requested: int, data_args: DataTrainingArguments, world_size: int) -> int:
-    """DataLoader workers; ``-1`` = auto: 0 for the in-memory embedded digits, else the CPUs per rank minus one (<= 8).
-
-    Train augmentations draw from :func:`augmentation_generator` (seed, epoch, sample index), so
-    they do not depend on the number of workers and a resumed run replays them exactly (tested,
-    also after SIGKILL mid-epoch). Workers are not persistent by default: the epoch number reaches
-    them when each epoch's workers start; with ``--dataloader_persistent_workers`` they would keep
-    the first epoch's number, so the recipe refuses that combination.
-    """
-    if requested >= 0:
-        return requested
+        sizes = [getattr(config, "image_size", None)] + [
+            (s or {}).get(k) for s in (getattr(processor, "crop_size", None), processor.size) for k in ("height", "shortest_edge")
+        ]
+        size = next((s[0] if isinstance(s, (list, tuple)) else s for s in sizes if s), 224)
+        mean, std = processor.image_mean or (0.5,) * 3, processor.image_std or (0.5,) * 3
+        found = Preprocessing(int(size), mean, std, crop_pct=getattr(processor, "crop_pct", None) or 1.0)
+    if model_args.model_name_or_path is None and (model_args.model_type is None or data_args.embedded):
+        found.image_size = DIGITS_IMAGE_SIZE  # the embedded tiny ResNet, or a model from scratch on the 32x32 digits
     if data_args.embedded:
-        return 0
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cpus // max(1, world_size) - 1))
+        found.crop_pct = 1.0
+    found.image_size = model_args.image_size or found.image_size
+    found.crop_pct = data_args.eval_crop_pct or found.crop_pct
+    return found
 
 
-def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
-    return {
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
-        "labels": torch.tensor([int(e["labels"]) for e in examples], dtype=torch.long),
-    }
+def record_preprocessing(model, processor, prep: Preprocessing):
+    """Make the saved processor (or timm ``pretrained_cfg``) reproduce the eval transform; returns the processor."""
+    if isinstance(processor, transformers.TimmWrapperImageProcessor):
+        cfg = {**processor.data_config, "input_size": (3, prep.image_size, prep.image_size), "crop_pct": prep.crop_pct}
+        model.config.pretrained_cfg = {**(getattr(model.config, "pretrained_cfg", None) or {}), **cfg}
+        return transformers.TimmWrapperImageProcessor(pretrained_cfg=cfg, architecture=getattr(model.config, "architecture", None))
+    shortest_edge = getattr(processor.size, "shortest_edge", None) and not getattr(processor, "crop_size", None)
+    processor.size = {"shortest_edge": prep.image_size} if shortest_edge else {"height": prep.image_size, "width": prep.image_size}
+    if getattr(processor, "crop_size", None) is not None:
+        processor.crop_size = {"height": prep.image_size, "width": prep.image_size}
+    if hasattr(processor, "crop_pct"):
+        processor.crop_pct = prep.crop_pct
+    return processor
 
 
-def parse_pair(text: str, flag: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(x) for x in text.split(","))
-    except ValueError:
-        raise ValueError(f'{flag} expects "min,max", got {text!r}') from None
-    if not 0 < lo <= hi <= 1:
-        raise ValueError(f"{flag} needs 0 < min <= max <= 1, got {text!r}")
-    return lo, hi
+def auto_augment(text: Optional[str]) -> list:
+    """``--auto_augment`` as torchvision v2 transforms: ``rand-m<M>[-n<N>]``, ``trivial``, ``none``.
+
+    timm's RandAugment options that torchvision has no equivalent of (``mstd``, ``inc``, ...) are ignored with a warning.
+    """
+    if text is None or text.lower() == "none":
+        return []
+    if text.lower() in ("trivial", "trivialaugment", "ta_wide"):
+        return [v2.TrivialAugmentWide()]
+    parts = text.lower().split("-")
+    if parts[0] != "rand":
+        raise ValueError(f'--auto_augment {text!r}: expected "rand-m<M>[-n<N>]", "trivial" or "none"')
+    options = dict(re.fullmatch(r"([a-z]*)(.*)", p).groups() for p in parts[1:] if p)
+    if set(options) - {"m", "n"}:
+        logger.warning("--auto_augment %s: ignoring %s (no torchvision equivalent)", text, sorted(set(options) - {"m", "n"}))
+    return [v2.RandAugment(num_ops=int(options.get("n", 2)), magnitude=int(float(options.get("m", 9))))]
+
+
+def build_transforms(prep: Preprocessing, data_args: DataTrainingArguments) -> tuple[v2.Compose, v2.Compose]:
+    """``(train, eval)`` torchvision v2 pipelines from PIL image to a normalised float32 CHW tensor.
+
+    train: random resized crop (area ``--train_crop_scale``, aspect 3/4..4/3), horizontal flip,
+    ``--auto_augment``, normalise, random erasing (``--reprob``). eval: resize the shorter side to
+    ``floor(image_size / crop_pct)``, center crop ``image_size``, normalise.
+    """
+    interpolation = v2.InterpolationMode(prep.interpolation if prep.interpolation in ("bilinear", "bicubic", "nearest") else "bicubic")
+    scale = tuple(float(x) for x in (data_args.train_crop_scale or ("0.6,1.0" if data_args.embedded else "0.08,1.0")).split(","))
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"--train_crop_scale needs min,max with 0 < min <= max <= 1, got {data_args.train_crop_scale!r}")
+    flip = (not data_args.embedded) if data_args.horizontal_flip is None else data_args.horizontal_flip
+    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(prep.mean), list(prep.std))]
+    train = v2.Compose(
+        [v2.RandomResizedCrop(prep.image_size, scale=scale, interpolation=interpolation, antialias=True)]
+        + ([v2.RandomHorizontalFlip()] if flip else [])
+        + auto_augment(data_args.auto_augment)
+        + to_tensor
+        + ([v2.RandomErasing(p=data_args.reprob)] if data_args.reprob > 0 else [])
+    )
+    resize = int(math.floor(prep.image_size / prep.crop_pct))
+    evaluation = v2.Compose([v2.Resize(resize, interpolation=interpolation, antialias=True), v2.CenterCrop(prep.image_size)] + to_tensor)
+    return train, evaluation
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Run the block with torch's, Python's and numpy's global RNGs seeded by ``seed``; restore them after."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one training sample in one epoch: a pure function of (seed, epoch, index).
+
+    Augmentations then depend neither on data-loader workers nor on prefetching, so a resume
+    mid-epoch replays the uninterrupted run's augmentations exactly (Trainer restores the global
+    RNG only after it has fetched the first batch after the resume point).
+    """
+    return ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % 2**63
+
+
+class AugmentationEpoch(TrainerCallback):
+    """Tell the train transform which epoch it is (before Trainer builds the epoch's data iterator)."""
+
+    epoch = 0
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.epoch = int(math.floor((state.epoch or 0.0) + 1e-6))
+
+
+class ImagesPerSecond(TrainerCallback):
+    """Add ``train_images_per_second`` (all ranks together, since the previous log) to each training log."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.since = (time.perf_counter(), state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:
+            return
+        now, (then, step) = time.perf_counter(), self.since
+        images = (state.global_step - step) * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        logs["train_images_per_second"] = round(images / max(now - then, 1e-9), 1)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1]["train_images_per_second"] = logs["train_images_per_second"]
+        self.since = (now, state.global_step)
+
+
+@dataclass
+class Collator:
+    """Stack a batch; training batches get mixup/cutmix (torchvision v2) under a seed derived from their samples'."""
+
+    num_labels: int
+    mixup: float = 0.0
+    cutmix: float = 0.0
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = {
+            "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+            "labels": torch.tensor([int(e["labels"]) for e in examples], dtype=torch.long),
+        }
+        mixers = [m(alpha=a, num_classes=self.num_labels) for m, a in ((v2.MixUp, self.mixup), (v2.CutMix, self.cutmix)) if a > 0]
+        if not mixers or "augment_seed" not in examples[0]:
+            return batch
+        seeds = tuple(e["augment_seed"] for e in examples)
+        with seeded(hash(seeds) % 2**63) if None not in seeds else contextlib.nullcontext():
+            batch["pixel_values"], batch["labels"] = v2.RandomChoice(mixers)(batch["pixel_values"], batch["labels"])
+        return batch
+
+
+def soft_target_cross_entropy(label_smoothing: float):
+    """Trainer ``compute_loss_func`` for class ids or mixed (soft) targets ``t``: mean of ``-sum(t' * log_softmax)``
+    with ``t' = (1 - eps) t + eps / C`` (``eps = --label_smoothing_factor``), normalised by the samples of the
+    whole accumulated batch when Trainer counts them (it counts ``C`` label entries per soft-target sample)."""
+
+    def loss(outputs, labels, num_items_in_batch=None):
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        classes = logits.shape[-1]
+        targets = labels.float() if labels.ndim == 2 else F.one_hot(labels, classes).float()
+        targets = targets * (1 - label_smoothing) + label_smoothing / classes
+        per_sample = -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+        if num_items_in_batch is None:
+            return per_sample.mean()
+        return per_sample.sum() / (num_items_in_batch / (classes if labels.ndim == 2 else 1))
+
+    return loss
+
+
+
+def top5_class_ids(logits, labels=None):
+    """``preprocess_logits_for_metrics``: each sample's 5 best class ids (less to gather across ranks)."""
+    logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+    return logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+
+
+def compute_metrics(prediction) -> dict[str, float]:
+    """``accuracy`` (top-1) and, with at least 5 classes, ``top5_accuracy`` from :func:`top5_class_ids`."""
+    ranked, truth = np.asarray(prediction.predictions), np.asarray(prediction.label_ids)[:, None]
+    hits = ranked == truth
+    metrics = {"accuracy": float(hits[:, 0].mean())}
+    if ranked.shape[1] >= 5:
+        metrics["top5_accuracy"] = float(hits.any(axis=1).mean())
+    return metrics
+
 
 
 def parse_arguments(argv: Optional[list[str]] = None):
+    """The three dataclasses from flags, or from one ``.json``/``.yaml`` file (recipe defaults kept for the rest)."""
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
     parser.set_defaults(**RECIPE_TRAINING_DEFAULTS)
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) == 1 and args[0].endswith((".json", ".yaml", ".yml")):
-        # One settings file instead of flags; the recipe's defaults still apply to what it leaves out.
         with open(args[0]) as handle:
-            if args[0].endswith(".json"):
-                values = json.load(handle)
-            else:
-                import yaml
-
-                values = yaml.safe_load(handle)
+            values = yaml.safe_load(handle)  # JSON is YAML
         return parser.parse_dict({**RECIPE_TRAINING_DEFAULTS, **values})
     return parser.parse_args_into_dataclasses(args=args)
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, float]:
-    model_args, data_args, training_args = parse_arguments(argv)
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        level=logging.INFO if training_args.should_log else logging.WARNING,
-    )
-    transformers.utils.logging.set_verbosity(logging.INFO if training_args.should_log else logging.WARNING)
-    datasets.utils.logging.set_verbosity(logging.WARNING)
-    push_to_hub = training_args.push_to_hub
-    training_args.push_to_hub = False  # the recipe pushes itself, with an RLion model card (hf_rlion.hub)
-    training_args.dataloader_num_workers = choose_num_workers(
-        training_args.dataloader_num_workers, data_args, training_args.world_size
-    )
-    if not torch.cuda.is_available():
-        training_args.dataloader_pin_memory = False  # pinning only helps host-to-GPU copies
+def check_run_settings(data_args: DataTrainingArguments, training_args: TrainingArguments) -> None:
+    """Settings that would silently train wrongly: refuse them. Also resolve ``--dataloader_num_workers -1``."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and training_args.world_size != launched:
         raise RuntimeError(
@@ -798,146 +560,129 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
             "separately and overwrite each other's output. On CPU, launch with ACCELERATE_USE_CPU=1 and --multi_gpu "
             "(or recipes/configs/cpu_2ranks.yaml); accelerate's use_cpu: true / --cpu starts unconnected processes."
         )
+    if training_args.dataloader_num_workers < 0:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        training_args.dataloader_num_workers = 0 if data_args.embedded else max(0, min(8, cpus // training_args.world_size - 1))
     if training_args.dataloader_persistent_workers and training_args.dataloader_num_workers > 0:
         raise ValueError(
             "--dataloader_persistent_workers: persistent workers would not see the epoch number that seeds each "
-            "sample's augmentation (every epoch would repeat the first one's crops); leave it off"
+            "sample's augmentation (every epoch would repeat the first one's); leave it off"
         )
     if data_args.streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps (a stream has no length to count epochs with)")
-    token = model_args.token or training_args.hub_token
-    model_args.token = token
-    transformers.set_seed(training_args.seed)
+    if not torch.cuda.is_available():
+        training_args.dataloader_pin_memory = False
 
-    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
-    # Data: the main process prepares (and caches) first; the other ranks then read the cache.
+def prepare_datasets(data_args, training_args, token):
+    """``(train, eval, image column, label column, class names, skipped counts)``, undecoded and untransformed."""
     with training_args.main_process_first(desc="loading the dataset"):
-        raw = load_raw_datasets(data_args, token, cache_dir=None)
-        train_ds, eval_ds = split_train_eval(raw, data_args, training_args.seed)
+        train_ds, eval_ds = split_train_eval(load_raw_datasets(data_args, token), data_args, training_args.seed)
     columns = list(train_ds.column_names or (train_ds.features or {}).keys())
     image_column = pick_column(columns, data_args.image_column_name, IMAGE_COLUMN_CANDIDATES, "--image_column_name")
     label_column = pick_column(columns, data_args.label_column_name, LABEL_COLUMN_CANDIDATES, "--label_column_name")
     labels = label_names(train_ds, label_column, data_args)
-
-    if data_args.max_train_samples is not None:
-        train_ds = _first(train_ds, data_args.max_train_samples)
-    if data_args.max_eval_samples is not None:
-        eval_ds = _first(eval_ds, data_args.max_eval_samples)
+    train_ds, eval_ds = first(train_ds, data_args.max_train_samples), first(eval_ds, data_args.max_eval_samples)
     skipped = {"train": 0, "eval": 0}
     if data_args.corrupt_images == "skip":
         with training_args.main_process_first(desc="checking images"):
             train_ds, skipped["train"] = drop_corrupt_images(train_ds, image_column, "train")
             eval_ds, skipped["eval"] = drop_corrupt_images(eval_ds, image_column, "eval")
-
-    model, processor = build_model_and_processor(model_args, labels)
-    image_size = resolve_image_size(model_args, model.config, processor)
-    default_scale = "0.6,1.0" if data_args.embedded else "0.08,1.0"
-    crop_pct = data_args.eval_crop_pct or (None if data_args.embedded else getattr(processor, "crop_pct", None)) or 1.0
-    transforms = ImageTransforms(
-        image_size=image_size,
-        mean=tuple(getattr(processor, "image_mean", None) or (0.5, 0.5, 0.5)),
-        std=tuple(getattr(processor, "image_std", None) or (0.5, 0.5, 0.5)),
-        crop_scale=parse_pair(data_args.train_crop_scale or default_scale, "--train_crop_scale"),
-        horizontal_flip=(not data_args.embedded) if data_args.horizontal_flip is None else data_args.horizontal_flip,
-        eval_crop_pct=crop_pct,
-    )
-    align_processor(processor, image_size, crop_pct)
-
-    def batch_transform(transform):
-        def apply(batch):
-            return {
-                "pixel_values": [transform(decode_image(v)) for v in batch[image_column]],
-                "labels": batch[label_column],
-            }
-
-        return apply
-
-    augmentation_epoch = AugmentationEpoch()
-    # Decode images ourselves so that a corrupt file is reported by name (see decode_image).
+    # Decode images ourselves so that a corrupt file is reported by name (decode_image).
     train_ds = train_ds.cast_column(image_column, datasets.Image(decode=False))
     eval_ds = eval_ds.cast_column(image_column, datasets.Image(decode=False))
-    if data_args.streaming:
-        keep = [c for c in columns if c not in (image_column, label_column)]
-        train_ds = train_ds.shuffle(seed=training_args.seed, buffer_size=10_000)
-        train_ds = train_ds.map(batch_transform(transforms.train), batched=True, remove_columns=keep + [image_column, label_column])
-        eval_ds = eval_ds.map(batch_transform(transforms.eval), batched=True, remove_columns=keep + [image_column, label_column])
-    else:
-        train_ds = train_ds.add_column(SAMPLE_INDEX_COLUMN, list(range(len(train_ds))))
+    return train_ds, eval_ds, image_column, label_column, labels, skipped
 
-        def seeded_train_transform(batch):
-            return {
-                "pixel_values": [
-                    transforms.train(
-                        decode_image(v), augmentation_generator(training_args.seed, augmentation_epoch.epoch, i)
-                    )
-                    for v, i in zip(batch[image_column], batch[SAMPLE_INDEX_COLUMN])
-                ],
-                "labels": batch[label_column],
-            }
 
-        train_ds.set_transform(seeded_train_transform)
-        eval_ds.set_transform(batch_transform(transforms.eval))
+def attach_transforms(train_ds, eval_ds, image_column, label_column, transforms, seed, epoch: AugmentationEpoch, streaming):
+    """Apply the transforms on the fly; each training sample under :func:`sample_seed` (non-streamed data)."""
 
-    metric = TopKAccuracy(keep_in_memory=True)
+    def apply(transform, train: bool):
+        def batch_transform(batch):
+            count = len(batch[label_column])
+            seeds = [sample_seed(seed, epoch.epoch, i) for i in batch["__index__"]] if "__index__" in batch else [None] * count
+            pixels = []
+            for value, augment_seed in zip(batch[image_column], seeds):
+                with seeded(augment_seed) if augment_seed is not None else contextlib.nullcontext():
+                    pixels.append(transform(decode_image(value)))
+            return {"pixel_values": pixels, "labels": batch[label_column], **({"augment_seed": seeds} if train else {})}
 
-    def compute_metrics(prediction):
-        return metric.compute(predictions=prediction.predictions, references=prediction.label_ids, top_k=(5,))
+        return batch_transform
 
+    if streaming:
+        removed = list(train_ds.column_names or (train_ds.features or {}).keys())
+        train_ds = train_ds.shuffle(seed=seed, buffer_size=10_000).map(apply(transforms[0], True), batched=True, remove_columns=removed)
+        return train_ds, eval_ds.map(apply(transforms[1], False), batched=True, remove_columns=removed)
+    train_ds = train_ds.add_column("__index__", list(range(len(train_ds))))
+    train_ds.set_transform(apply(transforms[0], True))
+    eval_ds.set_transform(apply(transforms[1], False))
+    return train_ds, eval_ds
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, float]:
+    model_args, data_args, training_args = parse_arguments(argv)
+    level = logging.INFO if training_args.should_log else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level)
+    transformers.utils.logging.set_verbosity(level)
+    datasets.utils.logging.set_verbosity(logging.WARNING)
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False  # pushed below, with an RLion model card
+    check_run_settings(data_args, training_args)
+    model_args.token = model_args.token or training_args.hub_token
+    transformers.set_seed(training_args.seed)
+    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+
+    train_ds, eval_ds, image_column, label_column, labels, skipped = prepare_datasets(data_args, training_args, model_args.token)
+    model, processor = build_model_and_processor(model_args, labels)
+    prep = model_preprocessing(model_args, data_args, model.config, processor)
+    processor = record_preprocessing(model, processor, prep)
+    epoch = AugmentationEpoch()
+    train_ds, eval_ds = attach_transforms(
+        train_ds, eval_ds, image_column, label_column, build_transforms(prep, data_args), training_args.seed, epoch, data_args.streaming
+    )
+    mixing = data_args.mixup > 0 or data_args.cutmix > 0
     trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=collate,
+        data_collator=Collator(len(labels), data_args.mixup, data_args.cutmix),
         compute_metrics=compute_metrics,
-        preprocess_logits_for_metrics=ranked_predictions,
+        compute_loss_func=soft_target_cross_entropy(training_args.label_smoothing_factor) if mixing else None,
+        preprocess_logits_for_metrics=top5_class_ids,
         processing_class=processor,
-        callbacks=[MarkCompleteCheckpoints(), augmentation_epoch],
+        callbacks=[MarkCompleteCheckpoints(), epoch, ImagesPerSecond()],
     )
-
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not getattr(trainer, "is_fsdp_enabled", False):
-        logger.warning(
-            "an FSDP config was given but accelerate applies FSDP only on GPUs (and other accelerators); "
-            "training runs as %s", parallelism(trainer)
-        )
-    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        logger.warning("FSDP config given, but accelerate applies FSDP only on accelerators: training runs as %s", parallelism(trainer))
+    train_metrics = dict(trainer.train(resume_from_checkpoint=checkpoint).metrics)
     trainer.save_model()
-    train_metrics = dict(train_result.metrics)
-    if not data_args.streaming:
-        train_metrics["train_samples"] = len(train_ds)
-    if data_args.corrupt_images == "skip":
-        train_metrics["train_skipped_images"] = skipped["train"]
-    trainer.log_metrics("train", train_metrics)
-    trainer.save_metrics("train", train_metrics)
     trainer.save_state()
-
     eval_metrics = trainer.evaluate()
-    if not data_args.streaming:
-        eval_metrics["eval_samples"] = len(eval_ds)
-    if data_args.corrupt_images == "skip":
-        eval_metrics["eval_skipped_images"] = skipped["eval"]
-    trainer.log_metrics("eval", eval_metrics)
-    trainer.save_metrics("eval", eval_metrics)
-
+    for split, metrics, dataset in (("train", train_metrics, train_ds), ("eval", eval_metrics, eval_ds)):
+        if not data_args.streaming:
+            metrics[f"{split}_samples"] = len(dataset)
+        if data_args.corrupt_images == "skip":
+            metrics[f"{split}_skipped_images"] = skipped[split]
+        trainer.log_metrics(split, metrics)
+        trainer.save_metrics(split, metrics)
     if trainer.is_world_process_zero():
-        summary = f"eval_accuracy = {eval_metrics['eval_accuracy']:.4f}"
-        if "eval_top5_accuracy" in eval_metrics:
-            summary += f", eval_top5_accuracy = {eval_metrics['eval_top5_accuracy']:.4f}"
-        print(
-            f"[image_classification] {summary} ({len(labels)} classes, {training_args.world_size} process(es), "
-            f"{parallelism(trainer)}, "
-            f"output in {training_args.output_dir})"
-        )
-        plot_training_curves(
-            trainer.state.log_history,
-            os.path.join(training_args.output_dir, "training_curves.png"),
-            title=f"{dataset_label(data_args)}, --optim {getattr(training_args.optim, 'value', training_args.optim)}",
-        )
-        if push_to_hub:
-            push_model(trainer, model_args, data_args, eval_metrics, token, argv)
+        report(trainer, data_args, eval_metrics, labels, push_to_hub, model_args, argv)
     training_args.push_to_hub = push_to_hub
     return eval_metrics
+
+
+def report(trainer, data_args, eval_metrics, labels, push_to_hub, model_args, argv) -> None:
+    """Print the accuracy, draw ``training_curves.png``, push to the Hub if asked (main process)."""
+    args = trainer.args
+    summary = f"eval_accuracy = {eval_metrics['eval_accuracy']:.4f}"
+    if "eval_top5_accuracy" in eval_metrics:
+        summary += f", eval_top5_accuracy = {eval_metrics['eval_top5_accuracy']:.4f}"
+    where = f"{args.world_size} process(es), {parallelism(trainer)}, output in {args.output_dir}"
+    print(f"[image_classification] {summary} ({len(labels)} classes, {where})")
+    title = f"{dataset_label(data_args)}, --optim {getattr(args.optim, 'value', args.optim)}"
+    plot_training_curves(trainer.state.log_history, os.path.join(args.output_dir, "training_curves.png"), title)
+    if push_to_hub:
+        push_model(trainer, model_args, data_args, eval_metrics, argv)
 
 
 def plot_training_curves(log_history: list[dict], path: str, title: str = "") -> None:
@@ -957,10 +702,9 @@ def plot_training_curves(log_history: list[dict], path: str, title: str = "") ->
         accuracy_axis.plot(*zip(*evals), marker="o")
         accuracy_axis.annotate(f"{evals[-1][1]:.4f}", evals[-1], textcoords="offset points", xytext=(-30, -15))
     accuracy_axis.set(xlabel="epoch", ylabel="eval accuracy", ylim=(0, 1.02), title="eval accuracy")
-    accuracy_axis.grid(alpha=0.3)
-    loss_axis.grid(alpha=0.3)
-    if title:
-        figure.suptitle(title)
+    for axis in (loss_axis, accuracy_axis):
+        axis.grid(alpha=0.3)
+    figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -973,153 +717,45 @@ def parallelism(trainer: Trainer) -> str:
     return "DDP" if trainer.args.world_size > 1 else "single process"
 
 
-def _first(dataset, n: int):
-    """The first ``n`` rows (streamed or not)."""
-    if isinstance(dataset, datasets.IterableDataset):
-        return dataset.take(n)
-    return dataset.select(range(min(n, len(dataset))))
-
-
-CHECKPOINT_COMPLETE = "checkpoint_complete.json"  # written last, once every rank has saved
-
-
-class MarkCompleteCheckpoints(TrainerCallback):
-    """Mark a ``checkpoint-*`` folder complete once Trainer has written all of it, on every rank.
-
-    Trainer writes a checkpoint in place (model, optimizer, scheduler, per-rank RNG, then
-    ``trainer_state.json``), so a process killed mid-save leaves a folder that looks like a
-    checkpoint but is not. ``on_save`` runs after ``_save_checkpoint``; after a barrier (every
-    rank's RNG file is on disk) the main process writes :data:`CHECKPOINT_COMPLETE` atomically
-    (temp file, fsync, rename). ``--resume_from_checkpoint last`` only considers marked folders.
-    """
-
-    def on_save(self, args, state, control, **kwargs):
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-        if args.should_save:
-            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-            if os.path.isdir(folder):
-                tmp = os.path.join(folder, f".{CHECKPOINT_COMPLETE}.tmp")
-                with open(tmp, "w") as f:
-                    json.dump({"global_step": state.global_step, "epoch": state.epoch}, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, os.path.join(folder, CHECKPOINT_COMPLETE))
-        return control
-
-
-def complete_checkpoints(output_dir: str) -> list[str]:
-    """``checkpoint-*`` folders in ``output_dir`` that carry the completeness marker, oldest first."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = []
-    for name in os.listdir(output_dir):
-        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
-        path = os.path.join(output_dir, name)
-        if match and os.path.isfile(os.path.join(path, CHECKPOINT_COMPLETE)):
-            found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
-
-
-def resolve_checkpoint(value: Optional[str], output_dir: str) -> Optional[str]:
-    """``--resume_from_checkpoint``: a checkpoint directory, or ``true``/``last`` for the newest COMPLETE one.
-
-    A folder without the completeness marker (a save interrupted by a crash) is never picked
-    by ``last``; naming it explicitly is an error that says so.
-    """
-    if value is None or value.lower() in ("", "false", "none"):
-        return None
-    if value.lower() in ("true", "last"):
-        complete = complete_checkpoints(output_dir)
-        newest = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        if not complete:
-            where = f" ({newest} is incomplete: its save was interrupted)" if newest else ""
-            raise ValueError(
-                f"--resume_from_checkpoint {value}: no complete checkpoint-* folder in --output_dir {output_dir!r}{where}"
-            )
-        if newest is not None and os.path.abspath(newest) != os.path.abspath(complete[-1]):
-            logger.warning("skipping %s: its save was interrupted (no %s); resuming from %s", newest, CHECKPOINT_COMPLETE, complete[-1])
-        return complete[-1]
-    if not os.path.isdir(value):
-        raise ValueError(f"--resume_from_checkpoint {value!r}: no such directory")
-    if not os.path.isfile(os.path.join(value, CHECKPOINT_COMPLETE)):
-        logger.warning(
-            "%s has no %s: it was written by another tool, or its save was interrupted", value, CHECKPOINT_COMPLETE
-        )
-    return value
-
-
 def dataset_label(data_args: DataTrainingArguments) -> str:
     """The dataset's name for the model card."""
-    if data_args.embedded:
-        return EMBEDDED_DATASET
-    if data_args.dataset_name:
-        return data_args.dataset_name
-    return "imagefolder"
+    return EMBEDDED_DATASET if data_args.embedded else data_args.dataset_name or "imagefolder"
 
 
-def without_secrets(args: list[str]) -> list[str]:
-    """The command line minus ``--hub_token``/``--token`` and their values."""
-    out, skip = [], False
-    for arg in args:
-        if skip:
-            skip = False
-            continue
-        if arg in ("--hub_token", "--token"):
-            skip = True
-            continue
-        if arg.startswith(("--hub_token=", "--token=")):
-            continue
-        out.append(arg)
-    return out
-
-
-def push_model(trainer: Trainer, model_args, data_args, eval_metrics, token, argv) -> str:
-    """Upload ``--output_dir`` (no checkpoints) with an RLion model card; returns the repo URL.
-
-    The optimizer hyperparameters on the card are those the optimizer was really built with
-    (``hf_rlion.hub.optimizer_hyperparameters(trainer.optimizer)``: class defaults included).
-    """
+def push_model(trainer: Trainer, model_args, data_args, eval_metrics, argv) -> str:
+    """Upload ``--output_dir`` (no checkpoints) with an RLion model card (``hf_rlion.hub``, which also redacts
+    tokens from the command); returns the repo URL. The card's optimizer hyperparameters are those the
+    optimizer was built with, class defaults included."""
     from hf_rlion import hub
 
     args = trainer.args
     repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
     optim_name = getattr(args.optim, "value", args.optim)
     metrics = {k: float(v) for k, v in eval_metrics.items() if k.endswith("accuracy")}
-    command_args = without_secrets(list(sys.argv[1:] if argv is None else argv))
+    command = "accelerate launch recipes/image_classification.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    processor = trainer.processing_class
+    curves = "training_curves.png" if os.path.isfile(os.path.join(args.output_dir, "training_curves.png")) else None
     card = hub.build_model_card(
-        model_name=repo_id.split("/")[-1],
-        task="image-classification",
-        dataset_name=dataset_label(data_args),
-        dataset_config=data_args.dataset_config_name,
-        metrics=metrics,
-        optimizer=optim_name,
+        model_name=repo_id.split("/")[-1], task="image-classification", dataset_name=dataset_label(data_args),
+        dataset_config=data_args.dataset_config_name, metrics=metrics, optimizer=optim_name,
         optimizer_hyperparameters=hub.optimizer_hyperparameters(trainer.optimizer),
-        training_hyperparameters=hub.training_hyperparameters(args),
-        reproduce_command="accelerate launch recipes/image_classification.py " + shlex.join(command_args),
-        base_model=model_args.model_name_or_path,
-        repo_id=repo_id,
-        tags=["image-classification"],
-        license=model_args.license or hub.base_model_license(model_args.model_name_or_path, token=token),
-        num_parameters=trainer.model.num_parameters(),
-        preprocessing=hub.image_preprocessing(trainer.processing_class),
-        log_history=trainer.state.log_history,
-        training_curves="training_curves.png" if os.path.isfile(os.path.join(args.output_dir, "training_curves.png")) else None,
-    )
+        training_hyperparameters=hub.training_hyperparameters(args), reproduce_command=command,
+        base_model=model_args.model_name_or_path, repo_id=repo_id, tags=["image-classification"],
+        license=model_args.license or hub.base_model_license(model_args.model_name_or_path, token=model_args.token),
+        num_parameters=trainer.model.num_parameters(), log_history=trainer.state.log_history, training_curves=curves,
+        preprocessing=hub.image_preprocessing(getattr(processor, "data_config", None) or processor),
+    )  # fmt: skip
+    accuracy = metrics.get("eval_accuracy", float("nan"))
     url = hub.push_folder_to_hub(
-        args.output_dir,
-        repo_id,
-        card=card,
-        token=token,
-        private=args.hub_private_repo,
-        commit_message=f"Image classification with {optim_name}: eval accuracy {metrics.get('eval_accuracy', float('nan')):.4f}",
-    )
+        args.output_dir, repo_id, card=card, token=model_args.token, private=args.hub_private_repo,
+        commit_message=f"Image classification with {optim_name}: eval accuracy {accuracy:.4f}",
+    )  # fmt: skip
     print(f"[image_classification] pushed to {url}")
     return url
 
 
 if __name__ == "__main__":
     main()
-    # In a multi-process run: barrier, then os._exit, so that a rank cannot abort at interpreter
-    # exit after everything is saved (a PyTorch race, see hf_rlion.distributed_exit).
+    # In a multi-process run: barrier, then os._exit, so that no rank aborts at interpreter exit
+    # after everything is saved (a PyTorch race, see hf_rlion.distributed_exit).
     exit_distributed_run()

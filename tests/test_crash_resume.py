@@ -4,8 +4,9 @@ For both recipes and both optimizers: one uninterrupted run; one run killed at a
 after its first complete checkpoint (the kill may land mid-step or mid-save: the random delays
 are seeded, and the test asserts the process really was still running); then a resume from the
 last complete checkpoint. The final weights must be bit-identical. The classification recipe is
-also run with a tiny ViT, whose checkpoints transformers>=5 writes under renamed keys, and a
-resume from a checkpoint missing a weight must stop with an error.
+also run with a tiny ViT, whose checkpoints transformers>=5 writes under renamed keys, and with
+every augmentation on (RandAugment, mixup, cutmix, random erasing, label smoothing: all seeded per
+sample or per batch), and a resume from a checkpoint missing a weight must stop with an error.
 """
 
 from __future__ import annotations
@@ -88,22 +89,28 @@ TINY_VIT = [
 ]  # fmt: skip
 
 
+# Every augmentation the recipe has, each drawn from per-sample (and, for mixup/cutmix, per-batch) seeds.
+AUGMENTED = [
+    "--auto_augment", "rand-m9-mstd0.5", "--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.25",
+    "--label_smoothing_factor", "0.1",
+]  # fmt: skip
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("optim,model", [("rlion", "resnet"), ("rlion_8bit", "resnet"), ("rlion", "vit")])
+@pytest.mark.parametrize("optim,model", [("rlion", "resnet"), ("rlion_8bit", "resnet"), ("rlion", "vit"), ("rlion", "augmented")])
 def test_classification_recipe_killed_and_resumed(optim, model, tmp_path):
     if optim == "rlion_8bit":
         pytest.importorskip("bitsandbytes")
-    recipe = _load(CLASSIFICATION)
     common = [
         sys.executable, str(CLASSIFICATION), "--optim", optim, "--max_train_samples", "192", "--max_eval_samples", "32",
         "--per_device_train_batch_size", "16", "--num_train_epochs", "3", "--save_strategy", "steps", "--save_steps", "4",
         "--save_total_limit", "2", "--eval_strategy", "no", "--lr_scheduler_type", "cosine", "--warmup_steps", "3",
         "--dataloader_num_workers", "0", "--seed", "11", "--logging_steps", "50",
-    ] + (TINY_VIT if model == "vit" else [])  # fmt: skip
+    ] + {"vit": TINY_VIT, "augmented": AUGMENTED}.get(model, [])  # fmt: skip
     _run(common + ["--output_dir", str(tmp_path / "straight")], tmp_path)
     crashed = tmp_path / "crashed"
-    delay = random.Random(f"classification-{optim}").uniform(0.0, 1.0)
-    _run_and_kill(common + ["--output_dir", str(crashed)], tmp_path, lambda d: recipe.complete_checkpoints(str(d)), crashed, delay)
+    delay = random.Random(f"classification-{optim}" + ("-augmented" if model == "augmented" else "")).uniform(0.0, 1.0)
+    _run_and_kill(common + ["--output_dir", str(crashed)], tmp_path, complete_checkpoints, crashed, delay)
     resumed = _run(common + ["--output_dir", str(crashed), "--resume_from_checkpoint", "last"], tmp_path)
     assert f"Loading model from {crashed}{os.sep}checkpoint-" in resumed.stderr + resumed.stdout
     _assert_same_weights(tmp_path / "straight" / "model.safetensors", crashed / "model.safetensors")

@@ -2,28 +2,33 @@
 
 What is proven here:
 
-* the offline metric (an ``evaluate.Metric`` defined in the recipe) equals scikit-learn's
-  accuracy and top-k accuracy;
-* the torchvision-free transforms: crop boxes inside the image with the requested area range,
-  eval resize + center crop equal to plain numpy slicing, normalisation exact;
-* ``--config_overrides`` parsing (lists included), column choice, checkpoint resolution and the
-  clear errors (unknown optimizer lists the valid names, unknown column lists the columns,
-  missing/empty image folders, gated dataset, corrupt image named or skipped and counted);
+* top-1/top-5 accuracy (``compute_metrics`` after ``top5_class_ids``) equals scikit-learn's;
+* the torchvision v2 transforms: eval = resize + center crop + exact normalisation; flips only when
+  asked; each sample's augmentation is a pure function of its seed and leaves the global RNGs alone;
+* mixup/cutmix in the collate: soft targets, reproducible from the samples' seeds; the soft-target
+  loss equals ``F.cross_entropy(label_smoothing=...)`` on class ids;
+* ``--config_overrides`` (lists, strings typed by the config's defaults), column choice, and the clear
+  errors (unknown optimizer lists the valid names, unknown column lists the columns, missing/empty
+  image folders, gated dataset, corrupt image named or skipped and counted);
 * end to end, as users run it, with ``HF_HUB_OFFLINE=1``:
   - one process, ``--optim rlion``, image folders of real digits: the standard output files,
-    checkpoints, and ``--resume_from_checkpoint`` continuing to the same weights as the
-    uninterrupted run;
+    ``train_images_per_second`` in the logs, checkpoints, and ``--resume_from_checkpoint``
+    continuing to the same weights as the uninterrupted run;
+  - RandAugment + mixup + cutmix + random erasing + label smoothing: trains, and two runs with one
+    seed end with identical weights;
+  - timm architectures from scratch (FasterNet-T0, EfficientNetV2-rw-t) on one process and on two
+    CPU ranks beat chance on the digits;
   - two real CPU ranks (``recipes/configs/cpu_2ranks.yaml`` = ``accelerate launch --multi_gpu
     --num_processes 2`` with ``ACCELERATE_USE_CPU=1``), ``--optim rlion_8bit``,
     the embedded digits, ``--push_to_hub`` to a local stand-in Hub; the pushed folder loads with
-    ``from_pretrained`` and gives the same eval accuracy; the model card carries the metrics and
-    the optimizer's hyperparameters;
+    ``from_pretrained`` and its own image processor gives the same eval accuracy; the model card
+    carries the metrics and the optimizer's hyperparameters;
   - the same 2-rank config without ``ACCELERATE_USE_CPU=1`` (two unconnected processes) is refused.
 
 Not tested here: ``recipes/configs/multi_gpu.yaml`` and ``fsdp.yaml`` need GPUs (accelerate applies
-FSDP only on accelerators; on CPU the recipe warns and runs DDP).
+FSDP only on accelerators; on CPU the recipe warns and runs DDP); ``--model_name_or_path timm/...``
+needs the Hub.
 """
-
 from __future__ import annotations
 
 import importlib.util
@@ -39,6 +44,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from hf_rlion.complete_checkpoints import CHECKPOINT_COMPLETE
+from hf_rlion.digits import digits_dataset
 
 from _classification_data import write_corrupt_file, write_digit_folders, write_parquet_copy, write_webdataset_copy
 
@@ -84,54 +92,30 @@ def _read_json(path: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Metric
+# Metric, transforms, mixing, loss
 # ---------------------------------------------------------------------------------------------
 
 
 def test_top_k_accuracy_equals_sklearn():
     from sklearn.metrics import accuracy_score, top_k_accuracy_score
+    from transformers import EvalPrediction
 
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(300, 7)).astype(np.float32)
     labels = rng.integers(0, 7, size=300)
     logits[np.arange(150), labels[:150]] += 2.0  # half of them mostly right
-    ranked = recipe.ranked_predictions(torch.from_numpy(logits)).numpy()
+    ranked = recipe.top5_class_ids(torch.from_numpy(logits)).numpy()
     assert ranked.shape == (300, 5)
-    result = recipe.TopKAccuracy(keep_in_memory=True).compute(predictions=ranked, references=labels)
-    assert result["accuracy"] == pytest.approx(accuracy_score(labels, logits.argmax(-1)), abs=0)
+    result = recipe.compute_metrics(EvalPrediction(predictions=ranked, label_ids=labels))
+    assert result["accuracy"] == accuracy_score(labels, logits.argmax(-1))
     assert result["top5_accuracy"] == pytest.approx(top_k_accuracy_score(labels, logits, k=5, labels=range(7)), abs=1e-12)
+    three_classes = recipe.top5_class_ids(torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])).numpy()
+    assert recipe.compute_metrics(EvalPrediction(predictions=three_classes, label_ids=np.array([1, 2]))) == {"accuracy": 0.5}
 
 
-def test_top5_accuracy_absent_with_fewer_than_five_classes():
-    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])
-    ranked = recipe.ranked_predictions(logits)
-    result = recipe.TopKAccuracy(keep_in_memory=True).compute(predictions=ranked.numpy(), references=[1, 2])
-    assert result == {"accuracy": 0.5}
-
-
-# ---------------------------------------------------------------------------------------------
-# Transforms
-# ---------------------------------------------------------------------------------------------
-
-
-def test_random_resized_crop_box_stays_inside_and_respects_the_area_range():
-    generator = torch.Generator().manual_seed(0)
-    for width, height in [(64, 48), (31, 97), (200, 200)]:
-        for _ in range(200):
-            left, top, right, bottom = recipe.random_resized_crop_box(
-                width, height, (0.3, 0.9), (3 / 4, 4 / 3), generator=generator
-            )
-            assert 0 <= left < right <= width and 0 <= top < bottom <= height
-            area = (right - left) * (bottom - top) / (width * height)
-            ratio = (right - left) / (bottom - top)
-            fallback = (right - left, bottom - top) in [(width, height), (width, round(width / (3 / 4)))] or (
-                left == (width - (right - left)) // 2 and top == (height - (bottom - top)) // 2
-            )
-            if not fallback:
-                # Sides are rounded to whole pixels: allow one pixel of slack in area and ratio.
-                slack_area = (right - left + bottom - top + 1) / (width * height)
-                assert 0.3 - slack_area <= area <= 0.9 + slack_area
-                assert 3 / 4 - 0.1 <= ratio <= 4 / 3 + 0.1
+def _transforms(image_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), crop_pct=1.0, **data):
+    prep = recipe.Preprocessing(image_size, mean, std, "bicubic", crop_pct)
+    return recipe.build_transforms(prep, recipe.DataTrainingArguments(dataset_name="x", **data))
 
 
 def test_eval_transform_is_a_center_crop_and_exact_normalisation():
@@ -139,8 +123,8 @@ def test_eval_transform_is_a_center_crop_and_exact_normalisation():
     pixels = rng.integers(0, 256, size=(36, 40, 3), dtype=np.uint8)  # height 36, width 40
     mean, std = (0.2, 0.4, 0.6), (0.5, 0.25, 0.125)
     # crop_pct chosen so that the "resize shorter side to 32 / crop_pct" step is the identity (36 -> 36).
-    transforms = recipe.ImageTransforms(image_size=32, mean=mean, std=std, eval_crop_pct=32 / 36)
-    out = transforms.eval(Image.fromarray(pixels))
+    _, evaluation = _transforms(32, mean, std, crop_pct=32 / 36)
+    out = evaluation(Image.fromarray(pixels))
     expected = (pixels[2:34, 4:36].astype(np.float32) / 255.0 - np.float32(mean)) / np.float32(std)
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
     np.testing.assert_allclose(out.numpy(), expected.transpose(2, 0, 1), rtol=0, atol=1e-6)
@@ -151,11 +135,55 @@ def test_train_transform_flips_only_when_asked():
     pixels[:, :8] = 255  # left half white
     image = Image.fromarray(pixels)
     torch.manual_seed(0)
-    no_flip = recipe.ImageTransforms(16, (0, 0, 0), (1, 1, 1), crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), horizontal_flip=False)
-    assert all(no_flip.train(image)[0, :, 0].min() > 0.99 for _ in range(20))
-    flip = recipe.ImageTransforms(16, (0, 0, 0), (1, 1, 1), crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), horizontal_flip=True)
-    left_is_white = [bool(flip.train(image)[0, :, 0].min() > 0.99) for _ in range(40)]
+    no_flip, _ = _transforms(16, train_crop_scale="1,1", horizontal_flip=False)
+    assert all(no_flip(image)[0, :, 0].min() > 0.99 for _ in range(20))
+    flip, _ = _transforms(16, train_crop_scale="1,1", horizontal_flip=True)
+    left_is_white = [bool(flip(image)[0, :, 0].min() > 0.99) for _ in range(40)]
     assert 5 < sum(left_is_white) < 35  # flipped about half of the time
+
+
+def test_seeded_augmentation_is_a_function_of_the_seed_and_leaves_global_rngs_alone():
+    import random
+
+    image = digits_dataset()["train"][0]["image"]
+    train, _ = _transforms(32, auto_augment="rand-m9-n2", reprob=0.5)
+    torch.manual_seed(123)
+    random.seed(123)
+    before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    outputs = {}
+    for epoch, index in [(0, 5), (0, 5), (1, 5), (0, 6)]:
+        with recipe.seeded(recipe.sample_seed(11, epoch, index)):
+            outputs.setdefault((epoch, index), []).append(train(image))
+    assert torch.equal(*outputs[(0, 5)])
+    assert not torch.equal(outputs[(0, 5)][0], outputs[(1, 5)][0]) and not torch.equal(outputs[(0, 5)][0], outputs[(0, 6)][0])
+    assert torch.equal(before[0], torch.get_rng_state()) and before[1] == random.getstate()
+    assert np.array_equal(before[2], np.random.get_state()[1])
+
+
+def test_mixup_cutmix_collate_gives_soft_targets_reproducible_from_the_sample_seeds():
+    collate = recipe.Collator(num_labels=4, mixup=0.8, cutmix=1.0)
+    rng = torch.Generator().manual_seed(0)
+    examples = [{"pixel_values": torch.rand(3, 8, 8, generator=rng), "labels": i % 4, "augment_seed": 100 + i} for i in range(6)]
+    first, again = collate(examples), collate(examples)
+    assert first["labels"].shape == (6, 4) and torch.allclose(first["labels"].sum(-1), torch.ones(6))
+    assert first["labels"].max() < 1  # every row mixes two images
+    assert torch.equal(first["pixel_values"], again["pixel_values"]) and torch.equal(first["labels"], again["labels"])
+    other = collate([{**e, "augment_seed": e["augment_seed"] + 1} for e in examples])
+    assert not torch.equal(other["labels"], first["labels"])
+    plain = collate([{k: v for k, v in e.items() if k != "augment_seed"} for e in examples])  # evaluation batch
+    assert plain["labels"].tolist() == [0, 1, 2, 3, 0, 1] and torch.equal(plain["pixel_values"][2], examples[2]["pixel_values"])
+
+
+def test_soft_target_loss_equals_cross_entropy_with_label_smoothing():
+    logits = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(8) % 5
+    loss = recipe.soft_target_cross_entropy(0.1)
+    expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
+    torch.testing.assert_close(loss({"logits": logits}, labels), expected)
+    one_hot = torch.nn.functional.one_hot(labels, 5).float()
+    torch.testing.assert_close(loss({"logits": logits}, one_hot), expected)
+    # Trainer's count for soft targets is C entries per sample (here 2 accumulated batches of 8): per-sample sum / 16.
+    torch.testing.assert_close(loss({"logits": logits}, one_hot, num_items_in_batch=torch.tensor(16 * 5)), expected / 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,10 +200,33 @@ def test_config_overrides_parse_lists_and_follow_the_current_types(tmp_path):
     assert config.stage_names == ["stem", "stage1", "stage2", "stage3"]
     config.save_pretrained(tmp_path)
     assert transformers.AutoConfig.from_pretrained(tmp_path).depths == [1, 1, 1]
+    vit = recipe.config_from_overrides("vit", "layer_norm_eps=1e-3,qkv_bias=false,hidden_act=gelu_new")
+    assert (vit.layer_norm_eps, vit.qkv_bias, vit.hidden_act) == (1e-3, False, "gelu_new")
+    assert recipe.config_from_overrides("timm_wrapper", "architecture=fasternet_t0").architecture == "fasternet_t0"
+    timm_config = recipe.config_from_overrides("timm_wrapper", "architecture=efficientnetv2_rw_t,model_args={bn_momentum: 0.5}")
+    assert (timm_config.architecture, timm_config.model_args) == ("efficientnetv2_rw_t", {"bn_momentum": 0.5})
+    assert recipe.config_from_overrides("vit", "image_size=32,patch_size=8").patch_size == 8  # numbers only
     with pytest.raises(ValueError, match="has no attribute 'hiden_size'"):
         recipe.config_from_overrides("vit", "hiden_size=3")
     with pytest.raises(ValueError, match="expected key=value"):
         recipe.config_from_overrides("vit", "hidden_size")
+
+
+def test_timm_architecture_from_scratch_gets_its_own_processor_offline(tmp_path):
+    """--model_type timm_wrapper: the processor comes from the architecture's timm pretrained_cfg (no Hub), and
+    the saved model folder gives back a processor with the trained input size."""
+    import timm
+    from transformers import AutoImageProcessor
+
+    model_args = recipe.ModelArguments(model_type="timm_wrapper", config_overrides="architecture=efficientnetv2_rw_t", image_size=48)
+    model, processor = recipe.build_model_and_processor(model_args, ["a", "b", "c"])
+    expected = timm.data.resolve_data_config(model=timm.create_model("efficientnetv2_rw_t"))
+    prep = recipe.model_preprocessing(model_args, recipe.DataTrainingArguments(dataset_name="x"), model.config, processor)
+    assert (prep.image_size, prep.mean, prep.std, prep.crop_pct) == (48, expected["mean"], expected["std"], expected["crop_pct"])
+    assert model(pixel_values=torch.zeros(2, 3, 48, 48)).logits.shape == (2, 3)
+    recipe.record_preprocessing(model, processor, prep)
+    model.save_pretrained(tmp_path)
+    assert AutoImageProcessor.from_pretrained(tmp_path).data_config["input_size"] == (3, 48, 48)
 
 
 def test_unknown_optimizer_lists_the_valid_names(capsys):
@@ -246,23 +297,6 @@ def test_missing_dataset_offline_is_a_clear_error(tmp_path, monkeypatch):
         recipe.main(["--dataset_name", "no-such-user/no-such-dataset", "--output_dir", str(tmp_path / "out")])
 
 
-def test_resume_from_checkpoint_values(tmp_path):
-    with pytest.raises(ValueError, match="no complete checkpoint-\\* folder"):
-        recipe.resolve_checkpoint("true", str(tmp_path))
-    for step in (5, 12):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-        (tmp_path / f"checkpoint-{step}" / recipe.CHECKPOINT_COMPLETE).write_text("{}")
-    (tmp_path / "checkpoint-20").mkdir()  # a save interrupted by a crash: no marker
-    assert recipe.resolve_checkpoint("last", str(tmp_path)) == str(tmp_path / "checkpoint-12")
-    assert recipe.resolve_checkpoint(None, str(tmp_path)) is None
-    with pytest.raises(ValueError, match="no such directory"):
-        recipe.resolve_checkpoint(str(tmp_path / "checkpoint-99"), str(tmp_path))
-    only_partial = tmp_path / "other"
-    (only_partial / "checkpoint-3").mkdir(parents=True)
-    with pytest.raises(ValueError, match="checkpoint-3 is incomplete"):
-        recipe.resolve_checkpoint("last", str(only_partial))
-
-
 def _tiny_run_args(train_dir: Path, val_dir: Path, out: Path) -> list[str]:
     return [
         "--train_dir", str(train_dir), "--validation_dir", str(val_dir), "--output_dir", str(out),
@@ -295,7 +329,7 @@ def test_corrupt_image_skip_drops_and_counts(tmp_path):
 
 
 def _small_digits(train: int = 96, validation: int = 32):
-    digits = recipe.digits_dataset()
+    digits = digits_dataset()
     return {"train": digits["train"].select(range(train)), "validation": digits["validation"].select(range(validation))}
 
 
@@ -343,7 +377,7 @@ def test_fine_tune_from_a_local_model_directory_with_other_classes(tmp_path):
     recipe.main(args + ["--model_name_or_path", str(tmp_path / "source"), "--learning_rate", "1e-12"])
     config = _read_json(tmp_path / "tuned" / "config.json")
     assert sorted(config["id2label"].values()) == ["digit_5", "digit_6", "digit_7"]
-    assert _read_json(tmp_path / "tuned" / "preprocessor_config.json")["size"] == {"height": 16, "width": 16}
+    assert _read_json(tmp_path / "tuned" / "preprocessor_config.json")["size"] == {"shortest_edge": 16}
     source, tuned = _weights(tmp_path / "source"), _weights(tmp_path / "tuned")
     assert tuned["classifier.1.weight"].shape == (3, source["classifier.1.weight"].shape[1])
     body = "resnet.embedder.embedder.convolution.weight"
@@ -367,7 +401,7 @@ def test_one_process_rlion_checkpoints_and_resume(tmp_path):
                  "config.json", "model.safetensors", "preprocessor_config.json", "training_curves.png"):  # fmt: skip
         assert (full / name).is_file(), name
     assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
-    assert all((c / recipe.CHECKPOINT_COMPLETE).is_file() for c in full.glob("checkpoint-*"))
+    assert all((c / CHECKPOINT_COMPLETE).is_file() for c in full.glob("checkpoint-*"))
     eval_results = _read_json(full / "eval_results.json")
     all_results = _read_json(full / "all_results.json")
     assert eval_results["eval_samples"] == 60 and all_results["train_samples"] == 200
@@ -380,6 +414,9 @@ def test_one_process_rlion_checkpoints_and_resume(tmp_path):
     state = _read_json(full / "trainer_state.json")
     assert state["global_step"] == 30
     assert [round(e["epoch"]) for e in state["log_history"] if "eval_accuracy" in e] == [1, 2, 3]
+    speeds = [e["train_images_per_second"] for e in state["log_history"] if "loss" in e]
+    assert speeds and all(speed > 0 for speed in speeds)  # logged with each training loss
+    assert "'train_images_per_second'" in proc.stdout + proc.stderr  # and shown while training
 
     resumed = tmp_path / "resumed"
     _run(common + ["--output_dir", str(resumed), "--resume_from_checkpoint", str(full / "checkpoint-20")], _env(), tmp_path)
@@ -389,6 +426,65 @@ def test_one_process_rlion_checkpoints_and_resume(tmp_path):
     for key in a:
         assert torch.equal(b[key], a[key]), key  # exact: same data order, augmentations and RLion state
     assert _read_json(resumed / "eval_results.json")["eval_accuracy"] == eval_results["eval_accuracy"]
+
+
+AUGMENTATIONS = [
+    "--auto_augment", "rand-m9-mstd0.5", "--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.25",
+    "--label_smoothing_factor", "0.1",
+]  # fmt: skip
+
+
+def test_all_augmentations_train_and_are_deterministic_under_a_seed(tmp_path):
+    """RandAugment + mixup + cutmix + random erasing + label smoothing: the loss is finite, the weights move,
+    and a second run with the same seed ends with the same weights."""
+    train_dir, val_dir = write_digit_folders(tmp_path / "data", classes=(0, 1, 2), per_class_train=8, per_class_val=2)
+    runs = []
+    for name in ("a", "b"):
+        args = _tiny_run_args(train_dir, val_dir, tmp_path / name)
+        recipe.main(args + ["--max_steps", "3", "--per_device_train_batch_size", "8", "--logging_steps", "1", *AUGMENTATIONS])
+        runs.append(_weights(tmp_path / name))
+    losses = [e["loss"] for e in _read_json(tmp_path / "a" / "trainer_state.json")["log_history"] if "loss" in e]
+    assert len(losses) == 3 and all(math.isfinite(loss) and loss > 0 for loss in losses)
+    for key in runs[0]:
+        assert torch.equal(runs[0][key], runs[1][key]), key
+    torch.manual_seed(42)  # Trainer's default seed: the model's initial weights
+    initial = recipe.build_model_and_processor(recipe.ModelArguments(), ["0", "1", "2"])[0].state_dict()
+    assert not torch.equal(initial["classifier.1.weight"], runs[0]["classifier.1.weight"])
+
+
+# Digits at 32 px, a few hundred samples, 3 epochs: each run takes well under a minute of CPU time. EfficientNet's
+# many BatchNorm layers lag behind weights that move this fast (eval accuracy stays at chance with the default
+# momentum 0.1 for ~30 steps, train-mode accuracy is ~0.98), so that run tracks batch statistics faster
+# (timm's bn_momentum, passed through TimmWrapperConfig.model_args).
+TIMM_RUNS = {
+    "fasternet_t0": ["architecture=fasternet_t0", "--max_train_samples", "320"],
+    "efficientnetv2_rw_t": ["architecture=efficientnetv2_rw_t,model_args={bn_momentum: 0.5}", "--max_train_samples", "256"],
+}
+TIMM_ARCHITECTURES = list(TIMM_RUNS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("architecture", TIMM_ARCHITECTURES)
+def test_timm_architecture_from_scratch_beats_chance(architecture, ranks, tmp_path):
+    """--model_type timm_wrapper --config_overrides architecture=...: built offline (processor from timm's
+    pretrained_cfg), trained on the digits on 1 process or 2 CPU ranks, well above chance (0.1)."""
+    out = tmp_path / "out"
+    launcher = [sys.executable]
+    env = _env()
+    if ranks == 2:
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2RANKS_CONFIG),
+                    "--main_process_port", str(_free_port())]  # fmt: skip
+        env["ACCELERATE_USE_CPU"] = "1"
+    command = launcher + [
+        str(RECIPE), "--model_type", "timm_wrapper", "--config_overrides", *TIMM_RUNS[architecture], "--image_size", "32",
+        "--num_train_epochs", "3", "--max_eval_samples", "100", "--per_device_train_batch_size", str(32 // ranks),
+        "--eval_strategy", "no", "--save_strategy", "no", "--output_dir", str(out),
+    ]  # fmt: skip
+    proc = _run(command, env, tmp_path)
+    assert f"{ranks} process(es)" in proc.stdout
+    assert _read_json(out / "config.json")["architecture"] == architecture
+    assert _read_json(out / "eval_results.json")["eval_accuracy"] >= 0.3
 
 
 @pytest.mark.slow
@@ -418,13 +514,11 @@ def test_two_cpu_ranks_rlion_8bit_push_and_reload(tmp_path, local_hub):
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= {p.name for p in pushed.iterdir()}
     assert not list(pushed.glob("checkpoint-*"))
 
-    # The pushed model, loaded as a user would, scores the same on the same eval images.
+    # The pushed model and image processor, loaded as a user would, score the same on the same eval images.
     model = AutoModelForImageClassification.from_pretrained(pushed).eval()
     processor = AutoImageProcessor.from_pretrained(pushed)
-    size = processor.size["height"]
-    transforms = recipe.ImageTransforms(size, tuple(processor.image_mean), tuple(processor.image_std), eval_crop_pct=1.0)
-    eval_split = recipe.digits_dataset()["validation"].select(range(96))
-    pixels = torch.stack([transforms.eval(image.convert("RGB")) for image in eval_split["image"]])
+    eval_split = digits_dataset()["validation"].select(range(96))
+    pixels = processor(images=[image.convert("RGB") for image in eval_split["image"]], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         predictions = model(pixel_values=pixels).logits.argmax(-1).numpy()
     assert math.isclose(float((predictions == np.asarray(eval_split["label"])).mean()), eval_accuracy, abs_tol=1e-12)
