@@ -42,6 +42,7 @@ import hf_rlion  # noqa: F401  (registers --optim rlion, rlion_8bit, paged_rlion
 from hf_rlion.complete_checkpoints import MarkCompleteCheckpoints, resolve_checkpoint
 from hf_rlion.digits import DIGITS_IMAGE_SIZE, DIGITS_RESNET_CONFIG, digits_dataset
 from hf_rlion.distributed_exit import exit_distributed_run
+from hf_rlion.training_curves import plot_training_curves
 
 import datasets
 import numpy as np
@@ -680,34 +681,14 @@ def report(trainer, data_args, eval_metrics, labels, push_to_hub, model_args, ar
     where = f"{args.world_size} process(es), {parallelism(trainer)}, output in {args.output_dir}"
     print(f"[image_classification] {summary} ({len(labels)} classes, {where})")
     title = f"{dataset_label(data_args)}, --optim {getattr(args.optim, 'value', args.optim)}"
-    plot_training_curves(trainer.state.log_history, os.path.join(args.output_dir, "training_curves.png"), title)
+    history = trainer.state.log_history
+    plot_training_curves(
+        os.path.join(args.output_dir, "training_curves.png"), title,
+        [(e["step"], e["loss"]) for e in history if "loss" in e and "step" in e],
+        [(e["epoch"], e["eval_accuracy"]) for e in history if "eval_accuracy" in e], "eval accuracy",
+    )  # fmt: skip
     if push_to_hub:
         push_model(trainer, model_args, data_args, eval_metrics, argv)
-
-
-def plot_training_curves(log_history: list[dict], path: str, title: str = "") -> None:
-    """Training loss per step and eval accuracy per epoch (``trainer.state.log_history``) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
-    evals = [(e["epoch"], e["eval_accuracy"]) for e in log_history if "eval_accuracy" in e]
-    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
-    if train:
-        loss_axis.plot(*zip(*train), marker=".")
-    loss_axis.set(xlabel="step", ylabel="training loss", yscale="log", title="training loss")
-    if evals:
-        accuracy_axis.plot(*zip(*evals), marker="o")
-        accuracy_axis.annotate(f"{evals[-1][1]:.4f}", evals[-1], textcoords="offset points", xytext=(-30, -15))
-    accuracy_axis.set(xlabel="epoch", ylabel="eval accuracy", ylim=(0, 1.02), title="eval accuracy")
-    for axis in (loss_axis, accuracy_axis):
-        axis.grid(alpha=0.3)
-    figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def parallelism(trainer: Trainer) -> str:

@@ -40,6 +40,7 @@ from hf_rlion.complete_checkpoints import CHECKPOINT_PREFIX, prune_checkpoints, 
 from hf_rlion.distributed_exit import exit_distributed_run
 from hf_rlion.models import ViTBoxRegressionConfig, ViTBoxRegressionModel, box_iou
 from hf_rlion.registry import OPTIMIZERS, optimizer_kwargs, parse_optim_args
+from hf_rlion.training_curves import plot_training_curves
 
 # ViTImageProcessor's defaults: pixels scaled to [0, 1], then (x - 0.5) / 0.5.
 PIXEL_MEAN = 0.5
@@ -286,25 +287,6 @@ def plot_predictions(rows, indices: list[int], pred: torch.Tensor, path: Path, t
     plt.close(fig)
 
 
-def plot_training_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.3))
-    left.plot(epochs, [h["train_loss"] for h in history], marker=".")
-    left.set(xlabel="epoch", ylabel="training loss", yscale="log")
-    right.plot(epochs, [h["eval_mean_iou"] for h in history], marker=".", label=history[0]["eval_split"])
-    right.set(xlabel="epoch", ylabel="mean IoU", ylim=(0, 1))
-    right.legend()
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def load_splits(data_args: DataArguments, accelerator) -> dict[str, Any]:
     """The dataset's splits (built by the main process first, read from the cache by the others)."""
     with accelerator.main_process_first():
@@ -423,7 +405,12 @@ def save_results(args, model_args, data, state, test_metrics, test_predictions, 
     label = f"{args.optim}, test mean IoU {test_metrics['mean_iou']:.3f} (mean-box baseline {test_metrics['mean_box_baseline_mean_iou']:.3f})"
     plot_predictions(rows, shown, test_predictions["pred_boxes"][shown], output_dir / "predictions.png", label)
     if state["history"]:
-        plot_training_curves(state["history"], output_dir / "training_curves.png", f"ViT on Caltech101 {data['categories'][:3]}, {args.optim}")
+        history = state["history"]
+        plot_training_curves(
+            output_dir / "training_curves.png", f"ViT on Caltech101 {data['categories'][:3]}, {args.optim}",
+            [(h["epoch"], h["train_loss"]) for h in history], [(h["epoch"], h["eval_mean_iou"]) for h in history],
+            f"mean IoU ({history[0]['eval_split']})", loss_x="epoch",
+        )  # fmt: skip
     accelerator.print(json.dumps(test_metrics, indent=1))
     if args.push_to_hub:
         push(args, model_args, output_dir, test_metrics, results, data["categories"], unwrapped)
