@@ -97,7 +97,9 @@ AUGMENTED = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optim,model", [("rlion", "resnet"), ("rlion_8bit", "resnet"), ("rlion", "vit"), ("rlion", "augmented")])
+# Both optimizers and both model families: the embedded ResNet with every augmentation on (per-sample
+# and per-batch seeds) under rlion_8bit, and a tiny ViT (renamed checkpoint keys) under rlion.
+@pytest.mark.parametrize("optim,model", [("rlion", "vit"), ("rlion_8bit", "augmented")])
 def test_classification_recipe_killed_and_resumed(optim, model, tmp_path):
     if optim == "rlion_8bit":
         pytest.importorskip("bitsandbytes")
