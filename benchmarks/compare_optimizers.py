@@ -664,8 +664,9 @@ def markdown_table(summary: dict, task: str, lrs: list[float]) -> str:
     return "\n".join(lines)
 
 
-def comparison_table(summary: dict, tasks: list[str], lr: float) -> str:
-    """Rows: optimizers; columns: tasks at one lr; each cell: mean metric and its difference to AdamW."""
+def comparison_table(summary: dict, tasks: list[str], lr: float, with_std: bool = False) -> str:
+    """Rows: optimizers; columns: tasks at one lr; each cell: mean metric (± sample std over seeds
+    with ``with_std``) and the difference of the means to AdamW's."""
     labels = _sorted_optimizers(k[1] for k in summary if k[0] in tasks and k[2] == lr)
     lines = ["| optimizer | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     for label in labels:
@@ -674,10 +675,11 @@ def comparison_table(summary: dict, tasks: list[str], lr: float) -> str:
             s, ref = summary.get((task, label, lr)), summary.get((task, "adamw", lr))
             if s is None:
                 cells.append("")
-            elif ref is None or label == "adamw":
-                cells.append(f"{s['mean']:.3f}")
-            else:
-                cells.append(f"{s['mean']:.3f} ({s['mean'] - ref['mean']:+.3f})")
+                continue
+            cell = f"{s['mean']:.3f}" + (f" ± {s['std']:.3f}" if with_std else "")
+            if ref is not None and label != "adamw":
+                cell += f" ({s['mean'] - ref['mean']:+.3f})"
+            cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -717,26 +719,6 @@ def variant_table(records: list[dict], tasks: list[str], pairs: list[tuple[str, 
         name_a = label_a + (" +warm-up" if warm_a else "")
         name_b = label_b + (" +warm-up" if warm_b else "")
         lines.append(f"| {name_a} -> {name_b} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def mean_std_table(summary: dict, tasks: list[str], lr: float) -> str:
-    """Rows: optimizers; each cell: mean ± sample std over seeds at ``lr`` and the difference of
-    the means to AdamW's."""
-    labels = _sorted_optimizers(k[1] for k in summary if k[0] in tasks and k[2] == lr)
-    lines = ["| optimizer | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
-    for label in labels:
-        cells = []
-        for task in tasks:
-            s, ref = summary.get((task, label, lr)), summary.get((task, "adamw", lr))
-            if s is None:
-                cells.append("")
-                continue
-            cell = f"{s['mean']:.3f} ± {s['std']:.3f}"
-            if ref is not None and label != "adamw":
-                cell += f" ({s['mean'] - ref['mean']:+.3f})"
-            cells.append(cell)
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -999,7 +981,7 @@ def paper_archs_report(records: list[dict], figures_dir: Path, prefix: str = "re
     plot_loss_curves(records, tasks, labels, 1e-3, figures_dir / f"{prefix}_loss_curves.png")
     return (
         "### FasterNet-T0 and EfficientNetV2-B0 (half width and depth) at lr 1e-3, no warm-up "
-        "(mean ± std over seeds; difference to AdamW)\n\n" + mean_std_table(summarize(records, False), tasks, 1e-3) + "\n"
+        "(mean ± std over seeds; difference to AdamW)\n\n" + comparison_table(summarize(records, False), tasks, 1e-3, with_std=True) + "\n"
     )
 
 
