@@ -114,11 +114,28 @@ def as_32bit_state(param: Tensor, state: dict) -> dict:
 
 
 def _finite_range(tensor: Tensor) -> tuple[float, float]:
-    """``(min, max)`` of a tensor by one reduction (NaN shows in both); ``(0, 0)`` when empty."""
+    """``(min, max)`` of a tensor by one reduction (NaN shows in both); ``(0, 0)`` when empty.
+
+    For a ``DTensor`` (FSDP2 state) the range of the whole tensor, the same on every rank (one
+    ``all_reduce`` of the local ranges; a rank's shard may be empty), so that every rank accepts
+    or refuses a loaded state alike.
+    """
     if tensor.numel() == 0:
         return 0.0, 0.0
-    lo, hi = torch.aminmax(tensor.detach())
-    return float(lo), float(hi)
+    local = tensor.to_local() if hasattr(tensor, "device_mesh") and hasattr(tensor, "to_local") else None
+    if local is None:
+        lo, hi = torch.aminmax(tensor.detach())
+        return float(lo), float(hi)
+    import torch.distributed as dist
+
+    summary = torch.full((3,), -math.inf, dtype=torch.float64, device=local.device)  # (-min, max, NaN seen)
+    if local.numel():
+        lo, hi = torch.aminmax(local.detach())
+        summary = torch.stack([-lo.double(), hi.double(), torch.isnan(lo).double()])
+        summary = torch.where(torch.isnan(summary), 0.0, summary)
+    dist.all_reduce(summary, op=dist.ReduceOp.MAX, group=tensor.device_mesh.get_group())
+    negated_lo, hi, nan_seen = summary.tolist()
+    return (math.nan, math.nan) if nan_seen > 0 else (-negated_lo, hi)
 
 
 def state_problem(param: Tensor, state: dict) -> Optional[str]:

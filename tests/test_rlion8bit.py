@@ -631,22 +631,28 @@ def test_dtensor_layouts_other_than_fsdp2s_and_paged_sharded_state_are_refused(o
         PagedRLion8bit([sharded])
 
 
-def test_sharded_step_makes_one_all_reduce_for_all_tensors_of_all_groups(one_rank_mesh, monkeypatch):
-    """The global RMS and NaN/inf decision of every sharded tensor of a step travel in ONE all_reduce
-    (counted on the real collective), across parameter groups too, not one per tensor."""
+def test_sharded_step_makes_one_collective_for_all_tensors_of_all_groups(one_rank_mesh, monkeypatch):
+    """The global RMS, the NaN/inf decision and the shared blocks' absmax of every sharded tensor of a
+    step travel in ONE all_gather (counted on the real collectives), across parameter groups too, not
+    one per tensor."""
     import torch.distributed as dist
     from torch.distributed.tensor import Shard, distribute_tensor
 
     params = [nn.Parameter(distribute_tensor(torch.randn(16, 64), one_rank_mesh, [Shard(0)])) for _ in range(4)]
     opt = RLion8bit([{"params": params[:2]}, {"params": params[2:], "alpha_scaling": "fixed"}], min_8bit_size=256)
-    calls = []
-    real_all_reduce = dist.all_reduce
-    monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: calls.append(a[0].numel()) or real_all_reduce(*a, **k))
-    for _ in range(3):
+    for _ in range(2):
         for p in params:
             p.grad = distribute_tensor(torch.randn(16, 64), p.device_mesh, [Shard(0)])
+        opt.step()  # the first steps: DTensor's own collectives while the state is created
+    calls = []
+    for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter"):
+        real = getattr(dist, name)
+        monkeypatch.setattr(dist, name, lambda *a, _name=name, _real=real, **k: calls.append(_name) or _real(*a, **k))
+    for _ in range(3):
+        for p in params:
+            p.grad = distribute_tensor(torch.randn(16, 64), p.device_mesh, [Shard(0)], src_data_rank=None)
         opt.step()
-    assert calls == [8, 8, 8]  # per step: 4 sums of squares and 4 non-finite flags
+    assert calls == ["all_gather"] * 3  # per step: 6 numbers per tensor (sum of squares, flag, shared blocks)
 
 
 @pytest.mark.parametrize("fused", [pytest.param(None, marks=needs_kernel), False])

@@ -55,7 +55,7 @@ from .triton_rlion import (
     tables_for,
 )
 
-__all__ = ["fused_rlion8bit", "quantize_blockwise", "midpoints_of", "BLOCKSIZE", "DEFAULT_BLOCKS_PER_PROGRAM"]
+__all__ = ["fused_rlion8bit", "quantize_blockwise", "new_momentum", "midpoints_of", "BLOCKSIZE", "DEFAULT_BLOCKS_PER_PROGRAM"]
 
 # BLOCKSIZE and the 2^64 scale are hf_rlion.reference8bit's values, repeated so that this module does not
 # import bitsandbytes.
@@ -210,6 +210,34 @@ def _quantize_kernel(values, codes, absmaxes, midpoints, numel, BLOCKS: tl.const
 # --------------------------------------------------------------------------------------------
 
 _midpoints_cache: dict = {}
+
+
+@triton.jit
+def _new_momentum_kernel(momentum, grad, out, numel, w2, MAXIMIZE: tl.constexpr, W2_BELOW_HALF: tl.constexpr):
+    offsets = tl.program_id(0) * QBLOCK + tl.arange(0, QBLOCK)
+    mask = offsets < numel
+    m = tl.load(momentum + offsets, mask=mask, other=0.0)
+    g = tl.load(grad + offsets, mask=mask, other=0.0).to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    tl.store(out + offsets, lerp_f32(m, g, w2, W2_BELOW_HALF), mask=mask)
+
+
+def new_momentum(momentum: Tensor, grad: Tensor, beta2: float, maximize: bool) -> Tensor:
+    """``m_t = lerp(m_{t-1}, ±g, 1 − β2)`` with the update kernel's arithmetic, for float32 ``momentum``
+    and a gradient of a kernel dtype: the momentum of pieces of a block stepped outside the kernel
+    (:mod:`hf_rlion.sharded8bit`, a block shared by two FSDP2 shards), bit for bit the kernel's."""
+    momentum, grad = momentum.contiguous().reshape(-1), grad.contiguous().reshape(-1)
+    if momentum.dtype != torch.float32 or grad.dtype not in _PARAM_DTYPES or momentum.numel() != grad.numel():
+        raise ValueError("momentum must be float32 and grad a float32/bfloat16/float16 tensor of as many elements")
+    out = torch.empty_like(momentum)
+    n = momentum.numel()
+    if n:
+        w2 = f32(1.0 - beta2)
+        _new_momentum_kernel[(triton.cdiv(n, BLOCKSIZE),)](
+            momentum, grad, out, n, w2, MAXIMIZE=maximize, W2_BELOW_HALF=w2 < 0.5
+        )
+    return out
 
 
 def midpoints_of(qmap: Tensor) -> Tensor:

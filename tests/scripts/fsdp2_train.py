@@ -79,7 +79,7 @@ def dump_momentum(model, optimizer, path):
     for name, p in model.named_parameters():
         state = optimizer.state.get(p, {})
         if "state1" in state:
-            dumped[name] = (sharded8bit._ShardLayout(p, BLOCKSIZE).start, sharded8bit._local_momentum(state).clone())
+            dumped[name] = (sharded8bit._ShardLayout(p, BLOCKSIZE).start, sharded8bit.local_momentum(p, state).clone())
     torch.save(dumped, path)
 
 
