@@ -96,6 +96,11 @@ _RLION_DEFAULTS = {
 # --------------------------------------------------------------------------------------------
 
 
+#: The state tensors a :class:`_KernelPlan` holds pointers to: replacing one in place of another in
+#: the state dict invalidates the plan.
+_PLANNED_STATE_KEYS = ("step", "state1", "absmax1", "qmap1")
+
+
 class _KernelPlan:
     """One parameter group's 8-bit kernel call, kept from one step to the next.
 
@@ -107,22 +112,24 @@ class _KernelPlan:
 
     The next steps use it after :meth:`gradients` has checked that it still holds: the group
     and the optimizer's state mapping are the same objects; each kernel tensor is the same
-    parameter at the same position of ``group["params"]``, with the same data pointer and the
-    same state dict; its gradient is a dense, contiguous tensor of the parameter's dtype. Any
-    other change sends the step down the full path, which builds the plan again.
+    parameter at the same position of ``group["params"]``, with the same data pointer, the
+    same state dict and in it the same state tensors (``step``, ``state1``, ``absmax1``,
+    ``qmap1``); its gradient is a dense, contiguous tensor of the parameter's dtype. Any other
+    change sends the step down the full path, which builds the plan again.
 
     What it saves is Python work per tensor: for 50 tensors right after a 25M-parameter step,
     when Python's objects are out of cache, 0.86 -> 0.46 ms around the kernel (``docs/8bit.md``).
     """
 
-    __slots__ = ("group", "state_map", "length", "positions", "params", "states", "dtype", "param_pointers",
-                 "step_pointers", "tensors", "others")  # fmt: skip
+    __slots__ = ("group", "state_map", "length", "positions", "params", "states", "state_tensors", "dtype",
+                 "param_pointers", "step_pointers", "tensors", "others")  # fmt: skip
 
     def __init__(self, group: dict, state_map: dict, params: list[Tensor], states: list[dict]):
         position = {id(p): i for i, p in enumerate(group["params"])}
         self.group, self.state_map, self.length = group, state_map, len(group["params"])
         self.positions = tuple(position[id(p)] for p in params)
         self.params, self.states, self.dtype = tuple(params), tuple(states), params[0].dtype
+        self.state_tensors = tuple(tuple(state[key] for key in _PLANNED_STATE_KEYS) for state in states)
         self.param_pointers = pointer_array(params)
         self.step_pointers = pointer_array([state["step"] for state in states])
         self.tensors = _KernelTensors(
@@ -143,7 +150,9 @@ class _KernelPlan:
             return None
         grad_pointers = []
         dtype, strided = self.dtype, torch.strided
-        for position, param, state, pointer in zip(self.positions, self.params, self.states, self.param_pointers):
+        for position, param, state, tensors, pointer in zip(
+            self.positions, self.params, self.states, self.state_tensors, self.param_pointers
+        ):
             grad = param.grad
             if (
                 params[position] is not param
@@ -153,6 +162,7 @@ class _KernelPlan:
                 or not grad.is_contiguous()
                 or param.data_ptr() != pointer
                 or state_map.get(param) is not state
+                or any(state.get(key) is not tensor for key, tensor in zip(_PLANNED_STATE_KEYS, tensors))
             ):
                 return None
             grad_pointers.append(grad.data_ptr())

@@ -507,8 +507,9 @@ def test_kernel_plan_steps_exactly_like_the_full_path_through_every_change_it_mu
     steps skip the per-tensor Python work. Two optimizers, one with plans and one sent down the full
     path every step, stay bit-identical (parameters and every state tensor) through the changes a
     stale plan would get wrong: a gradient missing, a non-contiguous gradient, new parameter data,
-    a new learning rate, a NaN gradient, load_state_dict, a state dict replaced by hand, the group's
-    parameters reordered, a tensor new to the group, ``fused=False``. Each change meets a plan in
+    a new learning rate, a NaN gradient, load_state_dict, a state dict replaced by hand, state tensors
+    replaced by hand in the same dict, the group's parameters reordered, a tensor new to the group,
+    ``fused=False``. Each change meets a plan in
     use (one that a plain step has already reused, not built)."""
     torch.manual_seed(0)
     shapes = [[(5000,), (96, 80), (100,)], [(4096,), (7,)]]  # (100,) and (7,): RLion's 32-bit state
@@ -567,6 +568,12 @@ def test_kernel_plan_steps_exactly_like_the_full_path_through_every_change_it_mu
     def state_by_hand(params, opt):
         opt.state[params[0][1]] = {key: value.clone() for key, value in opt.state[params[0][1]].items()}
 
+    def state_tensors_by_hand(params, opt):  # new tensors in the same dict: the plan's pointers are stale
+        state = opt.state[params[0][0]]
+        for key in ("step", "state1", "absmax1"):
+            state[key] = state[key].clone()
+        state["state1"][:10] = 200  # a change the old buffer would not see
+
     def reordered(params, opt):
         opt.param_groups[1]["params"].reverse()
 
@@ -584,7 +591,10 @@ def test_kernel_plan_steps_exactly_like_the_full_path_through_every_change_it_mu
     assert set(history[-1]) == {0, 1}  # both groups planned (each has a 32-bit tensor beside its 8-bit ones)
     step()
     assert history[1] == history[0]  # the plans were used, not built again
-    changes = (no_grad, transposed_grad, new_data, new_lr, nan_grad, reload, state_by_hand, reordered, new_tensor)
+    changes = (
+        no_grad, transposed_grad, new_data, new_lr, nan_grad, reload, state_by_hand, state_tensors_by_hand, reordered,
+        new_tensor,
+    )  # fmt: skip
     for change in changes:
         for _ in range(4):  # plain steps until one uses the plans built before it: the change meets them
             step()
