@@ -548,25 +548,9 @@ def build_model_card(
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{argument} must be a non-empty string, got {value!r}")
     model_name, task, dataset_name, optimizer = (str(v).strip() for v in (model_name, task, dataset_name, optimizer))
-    if not isinstance(metrics, Mapping):
-        raise ValueError(f"metrics must be a dict of metric name -> number, got {type(metrics).__name__}")
-    clean_metrics: dict[str, float] = {}
-    for key, value in metrics.items():
-        name = str(key).removeprefix("eval_")
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"metrics[{key!r}] must be a number, got {value!r}") from None
-        if not math.isfinite(number):
-            raise ValueError(f"metrics[{key!r}] must be finite, got {number}")
-        clean_metrics[name] = number
+    clean_metrics = _clean_metrics(metrics)
     optimizer_hparams = _public_hyperparameters("optimizer_hyperparameters", optimizer_hyperparameters)
     training_hparams = _public_hyperparameters("training_hyperparameters", training_hyperparameters)
-    reproduce_command = redact_secrets(reproduce_command.strip())
-    dataset_id = Path(dataset_name).name if _is_local_path(dataset_name) else dataset_name
-    local_base_model = Path(base_model).name if base_model and _is_local_path(base_model) else None
-    if local_base_model:
-        base_model = None  # the card's base_model must be a Hub id
     if training_curves is not None:
         curves = Path(str(training_curves))
         if not str(training_curves).strip() or curves.is_absolute() or ".." in curves.parts:
@@ -574,39 +558,31 @@ def build_model_card(
         training_curves = curves.as_posix()
     if num_parameters is not None and (isinstance(num_parameters, bool) or not isinstance(num_parameters, int) or num_parameters < 0):
         raise ValueError(f"num_parameters must be a count >= 0, got {num_parameters!r}")
+    dataset_id = Path(dataset_name).name if _is_local_path(dataset_name) else dataset_name
+    local_base_model = Path(base_model).name if base_model and _is_local_path(base_model) else None
+    if local_base_model:
+        base_model = None  # the card's base_model must be a Hub id
 
-    all_tags = ["hf-rlion", "rlion", optimizer, task]
-    for tag in tags or []:
-        if tag not in all_tags:
-            all_tags.append(tag)
-    all_tags = list(dict.fromkeys(all_tags))
-
-    eval_results = [
-        EvalResult(
-            task_type=task,
-            dataset_type=dataset_id,
-            dataset_name=dataset_id,
-            dataset_config=dataset_config,
-            dataset_split=dataset_split,
-            metric_type=name,
-            metric_name=_METRIC_TITLES.get(name, name),
-            metric_value=value,
-        )
-        for name, value in clean_metrics.items()
-    ]
     card_data = ModelCardData(
         model_name=model_name,
         base_model=base_model,
         datasets=[dataset_id],
-        tags=all_tags,
+        tags=list(dict.fromkeys(["hf-rlion", "rlion", optimizer, task, *(tags or [])])),
         library_name="transformers",
         pipeline_tag=task,
         license=license,
-        eval_results=eval_results or None,
+        eval_results=[
+            EvalResult(
+                task_type=task, dataset_type=dataset_id, dataset_name=dataset_id, dataset_config=dataset_config,
+                dataset_split=dataset_split, metric_type=name, metric_name=_METRIC_TITLES.get(name, name),
+                metric_value=value,
+            )  # fmt: skip
+            for name, value in clean_metrics.items()
+        ]
+        or None,
         optimizer={"name": optimizer, "hyperparameters": optimizer_hparams},
         training_hyperparameters=training_hparams,
     )
-
     dataset_text = f"`{dataset_id}`" + (f" (config `{dataset_config}`)" if dataset_config else "")
     if base_model:
         origin = f"fine-tuned from [`{base_model}`](https://huggingface.co/{base_model})"
@@ -630,7 +606,40 @@ def build_model_card(
             f"On {dataset_text}{split}:",
             _markdown_table(("Metric", "Value"), ((_METRIC_TITLES.get(k, k), f"{v:.4f}") for k, v in clean_metrics.items())),
         ]
-    details = []
+    sections += _training_sections(num_parameters, preprocessing, optimizer, optimizer_hparams, training_hparams,
+                                   log_history, training_curves)  # fmt: skip
+    sections += [
+        "## How to use",
+        f"```python\n{usage_code.strip() if usage_code else _default_usage_code(task, repo_id or model_name)}\n```",
+        *_reproduce_section(redact_secrets(reproduce_command.strip())),
+    ]
+    for title, body in (extra_sections or {}).items():
+        sections += [f"## {title}", body.strip()]
+    sections += _closing_sections(license)
+    content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
+    return ModelCard(strip_local_paths(content))
+
+
+def _clean_metrics(metrics: Mapping) -> dict[str, float]:
+    """``metrics`` with the ``eval_`` prefix dropped; ``ValueError`` for a value that is not a finite number."""
+    if not isinstance(metrics, Mapping):
+        raise ValueError(f"metrics must be a dict of metric name -> number, got {type(metrics).__name__}")
+    clean: dict[str, float] = {}
+    for key, value in metrics.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"metrics[{key!r}] must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ValueError(f"metrics[{key!r}] must be finite, got {number}")
+        clean[str(key).removeprefix("eval_")] = number
+    return clean
+
+
+def _training_sections(num_parameters, preprocessing, optimizer, optimizer_hparams, training_hparams,
+                       log_history, training_curves) -> list[str]:  # fmt: skip
+    """The card's "Model details", "Optimizer", "Training hyperparameters" and "Training results"."""
+    sections, details = [], []
     if num_parameters is not None:
         details.append(f"- **Parameters:** {num_parameters / 1e6:.2f} M ({num_parameters:,})")
     details += _preprocessing_lines(preprocessing or {})
@@ -651,24 +660,23 @@ def build_model_card(
         sections.append(_markdown_grid(header, rows))
     if training_curves:
         sections.append(f"![Training curves]({training_curves})")
-    sections += [
-        "## How to use",
-        f"```python\n{usage_code.strip() if usage_code else _default_usage_code(task, repo_id or model_name)}\n```",
-        *_reproduce_section(reproduce_command),
-    ]
-    for title, body in (extra_sections or {}).items():
-        sections += [f"## {title}", body.strip()]
-    sections += [
+    return sections
+
+
+def _closing_sections(license: str | None) -> list[str]:
+    """The card's "License", "Framework versions" and "Citation" (the RLion paper's BibTeX)."""
+    sections = [
         "## License",
         f"This model is released under the `{license}` license." if license else "No license was given for this model.",
     ]
     versions = _framework_versions()
     if versions:
         sections += ["## Framework versions", "\n".join(f"- {name} {version}" for name, version in versions)]
-    sections += ["## Citation", "RLion, the optimizer this model was trained with or compared against:", f"```bibtex\n{RLION_BIBTEX}\n```"]
-
-    content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
-    return ModelCard(strip_local_paths(content))
+    return sections + [
+        "## Citation",
+        "RLion, the optimizer this model was trained with or compared against:",
+        f"```bibtex\n{RLION_BIBTEX}\n```",
+    ]
 
 
 def _preprocessing_lines(preprocessing: Mapping) -> list[str]:
