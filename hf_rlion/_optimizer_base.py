@@ -113,6 +113,14 @@ def as_32bit_state(param: Tensor, state: dict) -> dict:
     return {"step": state["step"], "exp_avg": exp_avg.to(device=param.device, dtype=momentum_dtype(param))}
 
 
+def on_mesh_device(tensor: Tensor, mesh) -> Tensor:
+    """``tensor`` on the device a device mesh's collectives take (FSDP2 shards offloaded to the CPU
+    while the mesh, and NCCL, are on the GPU); unchanged when it is there already."""
+    if tensor.device.type == mesh.device_type:
+        return tensor
+    return tensor.to(torch.device(mesh.device_type, getattr(torch, mesh.device_type).current_device()))
+
+
 def _finite_range(tensor: Tensor) -> tuple[float, float]:
     """``(min, max)`` of a tensor by one reduction (NaN shows in both); ``(0, 0)`` when empty.
 
@@ -133,6 +141,7 @@ def _finite_range(tensor: Tensor) -> tuple[float, float]:
         lo, hi = torch.aminmax(local.detach())
         summary = torch.stack([-lo.double(), hi.double(), torch.isnan(lo).double()])
         summary = torch.where(torch.isnan(summary), 0.0, summary)
+    summary = on_mesh_device(summary, tensor.device_mesh)
     dist.all_reduce(summary, op=dist.ReduceOp.MAX, group=tensor.device_mesh.get_group())
     negated_lo, hi, nan_seen = summary.tolist()
     return (math.nan, math.nan) if nan_seen > 0 else (-negated_lo, hi)

@@ -68,7 +68,7 @@ except ImportError:  # pragma: no cover - torch built without distributed
 
 __all__ = ["is_sharded", "check_supported", "step", "local_momentum", "portable_state_dict", "restore_local_layout"]
 
-from ._optimizer_base import BLOCKSIZE
+from ._optimizer_base import BLOCKSIZE, on_mesh_device
 from .kernels import dispatch
 from .kernels.cpu_rlion8bit import fused_update_many_, kernel_available
 from .reference8bit import quantize_blockwise, rlion8bit_reference_update_
@@ -269,8 +269,7 @@ def _combine_over_ranks(items, statistics) -> list[tuple[float, bool, dict[int, 
                 row += [torch.as_tensor(float(block), dtype=torch.float64), torch.as_tensor(absmax, dtype=torch.float64)]
             rows.append(torch.stack([value.to(sum_of_squares.device) for value in row]))
         vector = torch.stack(rows).reshape(-1)
-        if vector.device.type != mesh.device_type:  # shards offloaded to CPU, mesh (and NCCL) on the GPU
-            vector = vector.to(torch.device(mesh.device_type, getattr(torch, mesh.device_type).current_device()))
+        vector = on_mesh_device(vector, mesh)
         gathered = [torch.empty_like(vector) for _ in range(mesh.size())]
         dist.all_gather(gathered, vector, group=mesh.get_group())
         table = torch.stack(gathered).view(mesh.size(), len(indices), 6).tolist()
@@ -415,7 +414,9 @@ def portable_state_dict(optimizer, state_dict: dict) -> dict:
         local_absmax = entry["absmax1"]
         whole = torch.zeros(layout.blocks, dtype=torch.float32, device=local_absmax.device)
         whole[layout.first_block : layout.first_block + layout.touched] = local_absmax
+        whole = on_mesh_device(whole, layout.mesh)
         dist.all_reduce(whole, op=dist.ReduceOp.MAX, group=layout.group)  # shared blocks: equal on both ranks
+        whole = whole.to(local_absmax.device)
         low, high = layout.block_chunk
         state_dict["state"][index] = dict(
             entry,
