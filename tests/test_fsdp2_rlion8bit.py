@@ -149,17 +149,19 @@ def _exactness_report(tmp_path, configs):
 def test_sharded_state_is_the_one_process_state_bit_for_bit(tmp_path):
     """3 ranks, the same gradients as one process (tiny and zero blocks, shards inside one block, a
     rank with no rows): after every step the gathered codes and absmax equal the one-process
-    RLion8bit's bit for bit, with the C kernel (rms) and the reference (fixed α). The reference's
-    parameters are bit-identical too; the C kernel's differ by its arctangent on the pieces of shared
-    blocks, which take the reference update (a few float32 ulps). Saving and loading the sharded
-    state, and loading the one-process state onto the shards, give the same state again."""
-    reports = _exactness_report(tmp_path, "none:rms,false:fixed")
+    RLion8bit's bit for bit, with the C kernel (rms; float32 and bfloat16 parameters) and the
+    reference (fixed α). The reference's parameters are bit-identical too; the C kernel's float32
+    ones differ by its arctangent on the pieces of shared blocks, which take the reference update (a
+    few ulps). Saving and loading the sharded state, and loading the one-process state onto the
+    shards, give the same state again."""
+    reports = _exactness_report(tmp_path, "none:rms,false:fixed,none:rms:bfloat16")
     for config, report in reports.items():
         assert report["state_equal"] == [True] * 4, (config, report)
         assert report["reloaded_equal"] and report["one_process_state_loads_equal"], (config, report)
         numels = [n for rank in report["local_numels"] for n in rank]
         assert 0 in numels and any(0 < n < 256 for n in numels), report  # the layouts this test is about
     assert max(reports["none:rms"]["params_max_difference"]) < 1e-6
+    assert max(reports["none:rms:bfloat16"]["params_max_difference"]) <= 2**-5  # a bfloat16 ulp of |p| < 8 (measured: 0)
     assert reports["false:fixed"]["params_max_difference"] == [0.0] * 4
 
 

@@ -9,8 +9,9 @@ one-process ones. Then the sharded state goes through ``state_dict()`` → ``loa
 fresh sharded optimizer and the one-process state is loaded into a sharded optimizer, and both must
 give the same state again.
 
-``--configs`` lists ``FUSED:ALPHA_SCALING`` pairs, run one after the other (``FUSED`` the optimizers'
-``fused``: ``none`` is each device's choice). Under Triton's interpreter (``TRITON_INTERPRET=1``,
+``--configs`` lists ``FUSED:ALPHA_SCALING[:DTYPE]`` entries, run one after the other (``FUSED`` the
+optimizers' ``fused``: ``none`` is each device's choice; ``DTYPE`` the parameters' and gradients',
+float32 by default). Under Triton's interpreter (``TRITON_INTERPRET=1``,
 ``HF_RLION_NATIVE=0``) ``true:...`` steps the shards with the Triton kernels. Rank 0 writes
 OUTPUT_DIR/report.json: per configuration, per step, whether the whole state equals the one-process
 state and the largest parameter difference.
@@ -39,9 +40,9 @@ class Parameters(nn.Module):
             self.register_parameter(name, nn.Parameter(torch.randn(shape)))
 
 
-def gradient(shape, step, index):
+def gradient(shape, step, index, dtype):
     generator = torch.Generator().manual_seed(1000 * step + index)
-    g = torch.randn(shape, generator=generator)
+    g = torch.randn(shape, generator=generator).to(dtype)
     flat = g.view(-1)
     flat[:256] *= 1e-30 if step % 2 else 0.0  # a tiny or zero first block
     return g
@@ -67,10 +68,10 @@ def compare(sharded_state, reference_state):
     )
 
 
-def run(fused, alpha_scaling, steps):
+def run(fused, alpha_scaling, dtype, steps):
     """One configuration: the report of the module docstring."""
     torch.manual_seed(0)
-    model = Parameters()
+    model = Parameters().to(dtype)
     reference = [p.detach().clone() for p in model.parameters()]
     fully_shard(model)
     params = list(model.parameters())
@@ -79,7 +80,7 @@ def run(fused, alpha_scaling, steps):
     report = {"state_equal": [], "params_max_difference": []}
     for step in range(steps):
         for index, (p, q) in enumerate(zip(params, reference)):
-            g = gradient(q.shape, step, index)
+            g = gradient(q.shape, step, index, dtype)
             q.grad = g.clone()
             p.grad = distribute_tensor(g, p.device_mesh, p.placements)
         optimizer.step()
@@ -105,13 +106,14 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--configs", default="none:rms", help="comma-separated FUSED:ALPHA_SCALING (FUSED: none/true/false)")
+    parser.add_argument("--configs", default="none:rms", help="comma-separated FUSED:ALPHA_SCALING[:DTYPE] (FUSED: none/true/false)")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     reports = {}
     for config in args.configs.split(","):
-        fused, alpha_scaling = config.split(":")
-        reports[config] = run({"none": None, "true": True, "false": False}[fused], alpha_scaling, args.steps)
+        fused, alpha_scaling, dtype = (config.split(":") + ["float32"])[:3]
+        fused = {"none": None, "true": True, "false": False}[fused]
+        reports[config] = run(fused, alpha_scaling, getattr(torch, dtype), args.steps)
     if dist.get_rank() == 0:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "report.json"), "w") as f:
