@@ -33,8 +33,9 @@ Tensors with fewer than ``min_8bit_size`` elements, and parameters that bitsandb
 
 Distributed (``docs/8bit.md``): DDP works, every rank holds the same full state. FSDP2
 (``fully_shard``: ``DTensor`` parameters, ``Shard(0)``) works, each rank holding the 8-bit state of
-its shard, with the per-tensor RMS and NaN/inf decision taken over the whole tensor
-(:mod:`hf_rlion.sharded8bit`). FSDP1's flattened ``FlatParameter`` is refused with a ``ValueError``.
+its shard quantised on one process's 256-element blocks, with the per-tensor RMS and NaN/inf
+decision taken over the whole tensor (:mod:`hf_rlion.sharded8bit`); its checkpoints load bit for
+bit on any number of ranks. FSDP1's flattened ``FlatParameter`` is refused with a ``ValueError``.
 """
 
 from __future__ import annotations
