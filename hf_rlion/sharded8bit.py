@@ -261,25 +261,25 @@ def _combine_over_ranks(items, statistics) -> list[tuple[float, bool, dict[int, 
     combined: list = [None] * len(items)
     for indices in by_mesh.values():
         mesh = items[indices[0]][0].device_mesh
-        rows = []
+        values, blocks = [], []  # per tensor: (‖ĉ‖², flag, absmax, absmax) on the device; (block, block)
         for i in indices:
             sum_of_squares, nonfinite, shared = statistics[i]
-            row = [sum_of_squares, nonfinite]
-            for block, absmax in shared + [(-1, 0.0)] * (2 - len(shared)):
-                row += [torch.as_tensor(float(block), dtype=torch.float64), torch.as_tensor(absmax, dtype=torch.float64)]
-            rows.append(torch.stack([value.to(sum_of_squares.device) for value in row]))
-        vector = torch.stack(rows).reshape(-1)
-        vector = on_mesh_device(vector, mesh)
+            shared = shared + [(-1, torch.zeros_like(sum_of_squares))] * (2 - len(shared))  # -1: no block
+            values += [sum_of_squares, nonfinite, shared[0][1], shared[1][1]]
+            blocks += [float(shared[0][0]), float(shared[1][0])]
+        device_values = torch.stack(values).view(-1, 4)
+        block_values = torch.tensor(blocks, dtype=torch.float64, device=device_values.device).view(-1, 2)
+        vector = on_mesh_device(torch.cat([device_values, block_values], dim=1).reshape(-1), mesh)
         gathered = [torch.empty_like(vector) for _ in range(mesh.size())]
         dist.all_gather(gathered, vector, group=mesh.get_group())
         table = torch.stack(gathered).view(mesh.size(), len(indices), 6).tolist()
         for k, i in enumerate(indices):
             total, nonfinite, shared = 0.0, False, {}
             for rank_rows in table:
-                row = rank_rows[k]
-                total += row[0]
-                nonfinite = nonfinite or row[1] > 0
-                for block, absmax in ((row[2], row[3]), (row[4], row[5])):
+                sum_of_squares, flag, first_absmax, last_absmax, first_block, last_block = rank_rows[k]
+                total += sum_of_squares
+                nonfinite = nonfinite or flag > 0
+                for block, absmax in ((first_block, first_absmax), (last_block, last_absmax)):
                     if block >= 0:
                         shared[int(block)] = max(shared.get(int(block), 0.0), absmax)
             combined[i] = (total, nonfinite, shared)
