@@ -12,14 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-try:
-    import bitsandbytes.functional as bnb_functional
-except ImportError as _err:  # pragma: no cover - exercised in an environment without bitsandbytes
-    raise ImportError(
-        "RLion8bit / PagedRLion8bit store their state with bitsandbytes, which is not installed. "
-        "Install it with: pip install 'hf-rlion[8bit]'"
-    ) from _err
-
+from ._bitsandbytes import bnb_functional
 from ._optimizer_base import BLOCKSIZE
 from .kernels.cpu_rlion8bit import check_8bit_state
 from .rlion import rlion_update_

@@ -49,16 +49,8 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-try:
-    import bitsandbytes.functional as bnb_functional
-    from bitsandbytes.optim import GlobalOptimManager
-except ImportError as _err:  # pragma: no cover - exercised in an environment without bitsandbytes
-    raise ImportError(
-        "RLion8bit / PagedRLion8bit store their state with bitsandbytes, which is not installed. "
-        "Install it with: pip install 'hf-rlion[8bit]'"
-    ) from _err
-
 from . import sharded8bit
+from ._bitsandbytes import GlobalOptimManager, bnb_functional
 from ._optimizer_base import BLOCKSIZE, RLionBase, as_32bit_state, low_precision_dtypes, validate_hyperparameters
 from .kernels import cpu_rlion
 from .kernels.cpu_rlion8bit import (

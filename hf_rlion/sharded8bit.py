@@ -56,7 +56,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import bitsandbytes.functional as bnb_functional
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -68,6 +67,7 @@ except ImportError:  # pragma: no cover - torch built without distributed
 
 __all__ = ["is_sharded", "check_supported", "step", "local_momentum", "portable_state_dict", "restore_local_layout"]
 
+from ._bitsandbytes import bnb_functional
 from ._optimizer_base import BLOCKSIZE, on_mesh_device
 from .kernels import dispatch
 from .kernels.cpu_rlion8bit import fused_update_many_, kernel_available

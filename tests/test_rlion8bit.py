@@ -726,6 +726,7 @@ def test_missing_bitsandbytes_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
     monkeypatch.setitem(sys.modules, "bitsandbytes.optim", None)
     monkeypatch.delitem(sys.modules, "hf_rlion.rlion8bit")
+    monkeypatch.delitem(sys.modules, "hf_rlion._bitsandbytes")  # where the import and its message live
     with pytest.raises(ImportError, match=r"pip install 'hf-rlion\[8bit\]'"):
         importlib.import_module("hf_rlion.rlion8bit")
     with pytest.raises(ImportError, match=r"pip install 'hf-rlion\[8bit\]'"):
