@@ -184,11 +184,12 @@ def _dequantize_piece(codes: Tensor, absmax: Tensor, qmap: Tensor) -> Tensor:
     return qmap[codes.long()] * absmax
 
 
-def local_momentum(param: Tensor, state: dict) -> Tensor:
-    """The local shard's momentum m_{t-1}, flattened: the dequantised 8-bit state (float32) or the ``exp_avg`` shard."""
+def local_momentum(param: Tensor, state: dict, layout: _ShardLayout | None = None) -> Tensor:
+    """The local shard's momentum m_{t-1}, flattened: the dequantised 8-bit state (float32) or the
+    ``exp_avg`` shard. ``layout``: the parameter's :class:`_ShardLayout`, if the caller has it."""
     if "state1" not in state:
         return state["exp_avg"].to_local().reshape(-1)
-    layout = _ShardLayout(param, BLOCKSIZE)
+    layout = layout or _ShardLayout(param, BLOCKSIZE)
     codes, absmax, qmap = state["state1"].to_local().reshape(-1), state["absmax1"], state["qmap1"]
     momentum = torch.empty(codes.numel(), dtype=torch.float32, device=codes.device)
     low, high = layout.interior
@@ -202,20 +203,21 @@ def local_momentum(param: Tensor, state: dict) -> Tensor:
     return momentum
 
 
-def _local_statistics(optimizer, group: dict, param: Tensor, state: dict, step: int, hp: dict) -> tuple[Tensor, Tensor, list]:
+def _local_statistics(param: Tensor, state: dict, layout, kernel, step: int, hp: dict) -> tuple[Tensor, Tensor, list]:
     """(‖ĉ_t‖² of the local shard, float64; 1.0 if the local gradient holds NaN/inf else 0.0;
-    ``[(block, local absmax of m_t)]`` of the blocks shared with other ranks)."""
+    ``[(block, local absmax of m_t)]`` of the blocks shared with other ranks). ``layout`` and
+    ``kernel``: the shard's :class:`_ShardLayout` and :func:`_local_kernel` choice (``None`` for
+    32-bit state)."""
     grad = param.grad.to_local()
     zero = torch.zeros((), dtype=torch.float64, device=grad.device)
     if grad.numel() == 0:
         return zero, zero, []
     hi, lo = torch.aminmax(grad)
     nonfinite = (~(torch.isfinite(hi) & torch.isfinite(lo))).to(torch.float64)
-    layout = _ShardLayout(param, BLOCKSIZE) if "state1" in state else None
     edges = layout.edges if layout is not None else []
     if hp["alpha_scaling"] != "rms" and not edges:
         return zero, nonfinite, []
-    momentum, flat_grad = local_momentum(param, state), grad.reshape(-1)
+    momentum, flat_grad = local_momentum(param, state, layout), grad.reshape(-1)
     sum_of_squares = zero
     if hp["alpha_scaling"] == "rms":
         g = flat_grad.to(momentum.dtype)
@@ -228,7 +230,6 @@ def _local_statistics(optimizer, group: dict, param: Tensor, state: dict, step: 
         sum_of_squares = sum_of_squares.to(torch.float64).square()
     shared = []
     if edges:
-        kernel, _ = _local_kernel(optimizer, group, param.to_local(), grad, state["state1"].to_local(), state["qmap1"])
         flat_param = param.to_local().reshape(-1)
         for offset, length, index in edges:
             piece = slice(offset, offset + length)
@@ -338,13 +339,11 @@ def _quantize_shared_piece(values: Tensor, absmax: Tensor, qmap: Tensor, nearest
     return codes[: values.numel()]
 
 
-def _update_8bit_shard(optimizer, group, param, state, step_count, scale, hp, shared_absmax) -> None:
+def _update_8bit_shard(param, state, layout, kernel, library, step_count, scale, hp, shared_absmax) -> None:
     """Step this rank's shard of an 8-bit tensor with α_t = ``scale``: shared pieces by the reference
-    update against the combined absmax, the whole blocks between them by the device's kernel."""
-    layout = _ShardLayout(param, BLOCKSIZE)
+    update against the combined absmax, the whole blocks between them by ``kernel`` (:func:`_local_kernel`)."""
     local, grad = param.to_local(), param.grad.to_local()
     codes, absmax, qmap = state["state1"].to_local(), state["absmax1"], state["qmap1"]
-    kernel, library = _local_kernel(optimizer, group, local, grad, codes, qmap)
     flat_param, flat_grad, flat_codes = local.view(-1), grad.reshape(-1), codes.view(-1)
     for offset, length, index in layout.edges:
         piece = slice(offset, offset + length)
@@ -376,10 +375,21 @@ def step(optimizer) -> None:
     if not items:
         return
     steps = [int(state["step"].item()) + 1 for _, state, _, _ in items]
-    statistics = [_local_statistics(optimizer, group, p, state, s, hp) for (p, state, hp, group), s in zip(items, steps)]
+    # per 8-bit shard, once a step: where it lies on the blocks, and which kernel steps it
+    layouts = [_ShardLayout(p, BLOCKSIZE) if "state1" in state else None for p, state, _, _ in items]
+    kernels = [
+        _local_kernel(optimizer, group, p.to_local(), p.grad.to_local(), state["state1"].to_local(), state["qmap1"])
+        if layout is not None and layout.numel
+        else (None, None)
+        for (p, state, _, group), layout in zip(items, layouts)
+    ]
+    statistics = [
+        _local_statistics(p, state, layout, kernel, s, hp)
+        for (p, state, hp, _), layout, (kernel, _), s in zip(items, layouts, kernels, steps)
+    ]
     skipped = []
-    for (p, state, hp, group), count, (sum_of_squares, bad, shared) in zip(
-        items, steps, _combine_over_ranks(items, statistics)
+    for (p, state, hp, _), layout, (kernel, library), count, (sum_of_squares, bad, shared) in zip(
+        items, layouts, kernels, steps, _combine_over_ranks(items, statistics)
     ):
         if bad:
             if count == 1:  # never stepped: no state, as if it had not been seen
@@ -393,7 +403,7 @@ def step(optimizer) -> None:
         if "state1" not in state:
             rlion_update_(p.to_local(), p.grad.to_local(), state["exp_avg"].to_local(), count, scale=scale, **hp)
         else:
-            _update_8bit_shard(optimizer, group, p, state, count, scale, hp, shared)
+            _update_8bit_shard(p, state, layout, kernel, library, count, scale, hp, shared)
     optimizer._record_nonfinite(skipped)
 
 
