@@ -431,6 +431,22 @@ class RLion8bit(RLionBase):
 
     # -- step -----------------------------------------------------------------------------------
 
+    def _overrides_and_state(
+        self, param: Tensor, group: dict, group_index: int, positions: dict[int, int], on_device: bool = False
+    ) -> tuple[dict, dict]:
+        """``param``'s ``GlobalOptimManager`` overrides (resolved once, then cached) and its state
+        (created if new). ``positions``: the group's ``{id(param): position}``, filled the first time
+        a tensor needs resolving."""
+        overrides = self._overrides.get(id(param))
+        if overrides is None:
+            if not positions:
+                positions.update((id(q), i) for i, q in enumerate(group["params"]))
+            overrides = self._overrides[id(param)] = self._resolve_overrides(param, group_index, positions[id(param)])
+        state = self.state[param]
+        if len(state) == 0:
+            self._init_state(param, state, group, overrides, on_device=on_device)
+        return overrides, state
+
     def _hyperparameters(self, group: dict, overrides: dict) -> dict[str, Any]:
         merged = {k: overrides.get(k, group[k]) for k in _HYPERPARAMETER_KEYS}
         beta1, beta2 = merged.pop("betas")
@@ -510,7 +526,7 @@ class RLion8bit(RLionBase):
             else:
                 candidates = self._params_with_grad(group["params"])
             group_key = tuple(sorted(group_hyperparameters.items()))  # the batch key of tensors without overrides
-            positions: Optional[dict[int, int]] = None  # built only when a tensor is new
+            positions: dict[int, int] = {}  # built only when a tensor is new
             # RLion-state tensors, batched by their (possibly overridden) hyperparameters.
             batches: dict[tuple, tuple[list, list, list, list]] = defaultdict(lambda: ([], [], [], []))
             # 8-bit tensors for the C kernel, batched the same way (one kernel call per batch).
@@ -520,14 +536,7 @@ class RLion8bit(RLionBase):
             # here first, in one separate pass.
             kernel_items, checked_here = [], []
             for p in candidates:
-                state = self.state[p]
-                overrides = self._overrides.get(id(p))
-                if overrides is None:
-                    if positions is None:
-                        positions = {id(q): i for i, q in enumerate(group["params"])}
-                    overrides = self._overrides[id(p)] = self._resolve_overrides(p, group_index, positions[id(p)])
-                if len(state) == 0:
-                    self._init_state(p, state, group, overrides)
+                overrides, state = self._overrides_and_state(p, group, group_index, positions)
                 hyperparameters, key = group_hyperparameters, group_key
                 if overrides:
                     hyperparameters = self._hyperparameters(group, overrides)
@@ -644,18 +653,11 @@ class RLion8bit(RLionBase):
         self._kernel_plans.pop(group_index, None)
         group_hyperparameters = self._hyperparameters(group, {})
         group_key = tuple(sorted(group_hyperparameters.items()))
-        positions: Optional[dict[int, int]] = None
+        positions: dict[int, int] = {}
         batches: dict[tuple, tuple[Optional[Tensor], list, list]] = {}
         any_paged = False
         for p in params:
-            state = self.state[p]
-            overrides = self._overrides.get(id(p))
-            if overrides is None:
-                if positions is None:
-                    positions = {id(q): i for i, q in enumerate(group["params"])}
-                overrides = self._overrides[id(p)] = self._resolve_overrides(p, group_index, positions[id(p)])
-            if len(state) == 0:
-                self._init_state(p, state, group, overrides, on_device=True)
+            overrides, state = self._overrides_and_state(p, group, group_index, positions, on_device=True)
             key = tuple(sorted(self._hyperparameters(group, overrides).items())) if overrides else group_key
             qmap = None
             if "state1" in state:
