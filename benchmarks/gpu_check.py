@@ -416,8 +416,9 @@ def time_set(torch, set_name: str, args) -> dict:
         gc.collect()
         if not DRY_RUN:
             torch.cuda.empty_cache()
+    tensors = len(params)
     del params
-    return {"rows": rows, "copy": copy, "numel": numel, "tensors": len(PARAMETER_SETS[set_name]())}
+    return {"rows": rows, "copy": copy, "numel": numel, "tensors": tensors}
 
 
 def table(set_name: str, result: dict, dtype: str) -> list[str]:
